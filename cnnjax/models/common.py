@@ -1,0 +1,82 @@
+"""Layers shared by every network, written to read like the book's PyTorch.
+
+The book builds its networks from `nn.Conv2d(..., kernel_size, stride, padding)`,
+`nn.Linear`, `nn.MaxPool2d`, `nn.AvgPool2d` and `nn.AdaptiveAvgPool2d(1)`. These
+helpers give the same layers in Flax, channels-last (NHWC), with the explicit
+symmetric paddings the book uses (never `'SAME'`), and with Xavier-uniform kernels
+as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def _pair(value: int) -> tuple[int, int]:
+    return (value, value)
+
+
+def _pads(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    return ((padding, padding), (padding, padding))
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, padding: int = 0,
+         **kwargs: Any) -> nn.Conv:
+    """The book's `nn.Conv2d(in, features, kernel_size, stride, padding)`.
+
+    A square kernel, the same stride along both axes and `padding` rows/columns
+    of zeros on every side. Biases start at zero (Flax's default).
+    """
+    return nn.Conv(features, _pair(kernel_size), strides=_pair(strides),
+                   padding=_pads(padding), kernel_init=xavier_uniform, **kwargs)
+
+
+def dense(features: int, **kwargs: Any) -> nn.Dense:
+    """The book's `nn.Linear(in, features)` with a Xavier-uniform kernel."""
+    return nn.Dense(features, kernel_init=xavier_uniform, **kwargs)
+
+
+class MaxPool(nn.Module):
+    """`nn.MaxPool2d(kernel_size=window, stride=strides, padding=padding)`.
+
+    Padding counts as -inf, so it never wins the max (as in PyTorch). `strides`
+    defaults to the window, as in PyTorch.
+    """
+
+    window: int
+    strides: int | None = None
+    padding: int = 0
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        strides = self.window if self.strides is None else self.strides
+        return nn.max_pool(x, _pair(self.window), _pair(strides), _pads(self.padding))
+
+
+class AvgPool(nn.Module):
+    """`nn.AvgPool2d(kernel_size=window, stride=strides)` (no padding is used in the book)."""
+
+    window: int
+    strides: int | None = None
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        strides = self.window if self.strides is None else self.strides
+        return nn.avg_pool(x, _pair(self.window), _pair(strides))
+
+
+class GlobalAvgPool(nn.Module):
+    """`nn.AdaptiveAvgPool2d(1)` followed by `nn.Flatten()`: (N, H, W, C) -> (N, C)."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return jnp.mean(x, axis=(1, 2))
+
+
+def flatten(x: jnp.ndarray) -> jnp.ndarray:
+    """`nn.Flatten()`: keep the batch axis, merge the rest (NHWC order)."""
+    return x.reshape((x.shape[0], -1))

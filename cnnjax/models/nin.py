@@ -1,0 +1,47 @@
+"""Network in Network (d2l §7.3)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.models.common import GlobalAvgPool, MaxPool, conv
+
+
+class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
+    """A NiN block (§7.3.1): one ordinary conv, then two 1x1 convs that act as a
+    per-pixel MLP over the channels; ReLU after each."""
+
+    num_channels: int
+    kernel_size: int
+    strides: int
+    padding: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = nn.relu(conv(self.num_channels, self.kernel_size, self.strides, self.padding)(x))
+        x = nn.relu(conv(self.num_channels, 1)(x))
+        return nn.relu(conv(self.num_channels, 1)(x))
+
+
+class NiN(nn.Module):
+    """NiN (§7.3.2): four NiN blocks with AlexNet's kernel sizes and widths and 3x3
+    max pools (stride 2) between them. There is no dense layer: the last block has
+    one channel per class and global average pooling turns them into logits.
+    Dropout 0.5 precedes the last block.
+    """
+
+    num_classes: int = 10
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = nin_block(96, kernel_size=11, strides=4, padding=0)(x)
+        x = MaxPool(3, 2)(x)
+        x = nin_block(256, kernel_size=5, strides=1, padding=2)(x)
+        x = MaxPool(3, 2)(x)
+        x = nin_block(384, kernel_size=3, strides=1, padding=1)(x)
+        x = MaxPool(3, 2)(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nin_block(self.num_classes, kernel_size=3, strides=1, padding=1)(x)
+        return GlobalAvgPool()(x)

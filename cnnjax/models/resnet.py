@@ -1,0 +1,96 @@
+"""Residual networks (d2l §7.6): ResNet-18 and ResNet-34."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.models.common import GlobalAvgPool, MaxPool, conv, dense
+
+
+def batch_norm(train: bool) -> nn.BatchNorm:
+    """`nn.BatchNorm2d` with PyTorch's defaults (momentum 0.9 for the moving
+    statistics in Flax's convention, eps 1e-5): batch statistics when `train`,
+    moving statistics otherwise."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
+class Residual(nn.Module):
+    """The residual block (§7.6.2): two 3x3 convs with batch norm, ReLU between
+    them, the input added before the last ReLU.
+
+    With `use_1x1conv`, a 1x1 conv (with the same `strides`) reshapes the input so
+    it can be added when the block changes the number of channels or halves the
+    resolution.
+    """
+
+    num_channels: int
+    use_1x1conv: bool = False
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        y = conv(self.num_channels, 3, strides=self.strides, padding=1)(x)
+        y = nn.relu(batch_norm(train)(y))
+        y = conv(self.num_channels, 3, padding=1)(y)
+        y = batch_norm(train)(y)
+        if self.use_1x1conv:
+            x = conv(self.num_channels, 1, strides=self.strides)(x)
+        return nn.relu(y + x)
+
+
+class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
+    """One ResNet stage (§7.6.3): `num_residuals` residual blocks of `num_channels`.
+
+    Every stage but the first starts with a block that halves height and width
+    and changes the channels through a 1x1 conv; the first stage follows a max
+    pool that has already halved the resolution, so it keeps the shape.
+    """
+
+    num_channels: int
+    num_residuals: int
+    first_block: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for i in range(self.num_residuals):
+            if i == 0 and not self.first_block:
+                x = Residual(self.num_channels, use_1x1conv=True, strides=2)(x, train)
+            else:
+                x = Residual(self.num_channels)(x, train)
+        return x
+
+
+class Stem(nn.Module):
+    """b1 of ResNet (§7.6.3) and DenseNet (§7.7.4): GoogLeNet's first block with
+    batch norm after the conv. A 7x7 conv (stride 2, padding 3), batch norm, ReLU
+    and a 3x3 max pool (stride 2, padding 1): 224x224 becomes 56x56."""
+
+    num_channels: int = 64
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = conv(self.num_channels, 7, strides=2, padding=3)(x)
+        x = nn.relu(batch_norm(train)(x))
+        return MaxPool(3, 2, padding=1)(x)
+
+
+class ResNet(nn.Module):
+    """ResNet (§7.6.3): the stem b1, four stages b2..b5 of 64, 128, 256 and 512
+    channels with `stage_sizes` residual blocks each, global average pooling and a
+    dense output layer. (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34."""
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = Stem(64, name="b1")(x, train)
+        for i, num_residuals in enumerate(self.stage_sizes):
+            stage = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0),
+                                 name=f"b{i + 2}")
+            x = stage(x, train)
+        x = GlobalAvgPool()(x)
+        return dense(self.num_classes)(x)

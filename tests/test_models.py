@@ -1,0 +1,244 @@
+"""The model zoo: block shapes from the notes, parameter counts from the notes'
+PyTorch builds, train/eval behaviour, the registry API and the summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnjax import models, reference
+from cnnjax.models import (DenseBlock, Inception, Residual, count_params, nin_block,
+                           transition_block, vgg_block)
+
+ALL = models.list_models()
+WITH_BN = {"lenet_bn_scratch", "lenet_bn", "resnet18", "resnet34", "densenet"}
+WITH_DROPOUT = {"alexnet", "vgg11", "nin"}
+# Small inputs that every layer of each network still accepts, for tests that compute.
+SMALL_RESIZE = {"lenet": 28, "lenet_bn_scratch": 28, "lenet_bn": 28, "alexnet": 67,
+                "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "resnet34": 32,
+                "densenet": 32}
+
+
+def init(module: nn.Module, x: jnp.ndarray, **kwargs):
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return module.init(rngs, x, **kwargs)
+
+
+def output_shape(module: nn.Module, x: jnp.ndarray, **kwargs) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of module(x), computed abstractly (nothing is run)."""
+    return jax.eval_shape(lambda: module.apply(init(module, x, **kwargs), x, **kwargs))
+
+
+# --- blocks, with the shapes the notes print -------------------------------------------
+
+def test_residual_keeps_shape():
+    chex.assert_shape(output_shape(Residual(3), jnp.ones((4, 6, 6, 3))), (4, 6, 6, 3))
+
+
+def test_residual_with_1x1conv_halves_and_widens():
+    blk = Residual(6, use_1x1conv=True, strides=2)
+    x = jax.random.uniform(jax.random.key(0), (4, 6, 6, 3))
+    y, _ = blk.apply(init(blk, x), x, train=True, mutable=["batch_stats"])
+    chex.assert_shape(y, (4, 3, 3, 6))
+    chex.assert_tree_all_finite(y)
+    assert jnp.all(y >= 0)  # ends with a ReLU
+
+
+def test_dense_block_and_transition():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    blk = DenseBlock(2, 10)
+    y = blk.apply(init(blk, x), x)
+    chex.assert_shape(y, (4, 8, 8, 23))
+    # The input passes through unchanged as the first channels (concatenation).
+    chex.assert_trees_all_close(y[..., :3], x)
+    chex.assert_shape(output_shape(transition_block(10), y), (4, 4, 4, 10))
+
+
+def test_vgg_and_nin_blocks():
+    x = jnp.ones((2, 8, 8, 3))
+    chex.assert_shape(output_shape(vgg_block(2, 16), x), (2, 4, 4, 16))
+    chex.assert_shape(output_shape(nin_block(8, kernel_size=3, strides=2, padding=1), x),
+                      (2, 4, 4, 8))
+    chex.assert_shape(output_shape(nin_block(8, kernel_size=11, strides=4, padding=0),
+                                   jnp.ones((1, 224, 224, 1))), (1, 54, 54, 8))
+
+
+def test_inception_output_channels():
+    y = output_shape(Inception(64, (96, 128), (16, 32), 32), jnp.ones((2, 12, 12, 192)))
+    chex.assert_shape(y, (2, 12, 12, 256))
+
+
+def test_googlenet_nine_inception_blocks():
+    channels = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, Inception) and context.method_name == "__call__":
+            channels.append(out.shape[-1])
+        return out
+
+    with nn.intercept_methods(record):  # one abstract forward pass (init)
+        jax.eval_shape(lambda: init(models.get_model("googlenet"), jnp.ones((1, 96, 96, 1))))
+    assert channels == [256, 480, 512, 512, 512, 528, 832, 832, 1024]
+
+
+# --- whole networks ----------------------------------------------------------------------
+
+def stage_shapes(name: str, resize: int) -> list[tuple[int, ...]]:
+    return [info.output_shape for info in models.block_infos(models.get_model(name), resize)]
+
+
+@pytest.mark.parametrize("resize, side", [(224, 56), (96, 24)])
+def test_resnet18_stage_shapes(resize, side):
+    assert stage_shapes("resnet18", resize) == [
+        (side, side, 64), (side, side, 64), (side // 2, side // 2, 128),
+        (side // 4, side // 4, 256), (side // 8, side // 8, 512), (512,), (10,)]
+
+
+@pytest.mark.parametrize("resize, side", [(224, 56), (96, 24)])
+def test_googlenet_stage_shapes(resize, side):
+    assert stage_shapes("googlenet", resize) == [
+        (side, side, 64), (side // 2, side // 2, 192), (side // 4, side // 4, 480),
+        (side // 8, side // 8, 832), (1024,), (10,)]
+
+
+def test_lenet_layer_shapes():
+    # §6.6: 28x28 -> conv 6@28x28 -> pool 14x14 -> conv 16@10x10 -> pool 5x5 -> 120, 84, 10
+    assert stage_shapes("lenet", 28) == [(28, 28, 6), (14, 14, 6), (10, 10, 16), (5, 5, 16),
+                                         (120,), (84,), (10,)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_at_recipe_resolution(name):
+    resize = models.recipe(name)["resize"]
+    chex.assert_shape(output_shape(models.get_model(name), jnp.ones((3, resize, resize, 1))),
+                      (3, 10))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if reference.parameter_count(n)])
+def test_parameter_count_matches_the_notes(name):
+    resize = models.recipe(name)["resize"]
+    variables = jax.eval_shape(lambda: init(models.get_model(name), jnp.ones((1, resize, resize, 1))))
+    assert count_params(variables["params"]) == reference.parameter_count(name)
+
+
+def conv_params(c_in: int, c_out: int, k: int) -> int:
+    return c_in * c_out * k * k + c_out
+
+
+def resnet_params(stage_sizes) -> int:
+    """ResNet's parameter count worked out by hand from §7.6 (BN: scale and shift)."""
+    total = conv_params(1, 64, 7) + 2 * 64  # b1
+    c_in = 64
+    for i, n in enumerate(stage_sizes):
+        c = 64 * 2**i
+        for j in range(n):
+            total += conv_params(c_in, c, 3) + conv_params(c, c, 3) + 4 * c
+            if i > 0 and j == 0:
+                total += conv_params(c_in, c, 1)  # the 1x1 conv on the shortcut
+            c_in = c
+    return total + 512 * 10 + 10
+
+
+def test_resnet_parameter_counts_by_hand():
+    for name, sizes in [("resnet18", (2, 2, 2, 2)), ("resnet34", (3, 4, 6, 3))]:
+        variables = jax.eval_shape(lambda: init(models.get_model(name), jnp.ones((1, 96, 96, 1))))
+        assert count_params(variables["params"]) == resnet_params(sizes)
+    assert resnet_params((2, 2, 2, 2)) == reference.parameter_count("resnet18")
+
+
+def test_resnet34_has_resnet18_stage_shapes():
+    assert stage_shapes("resnet34", 96) == stage_shapes("resnet18", 96)
+
+
+def test_vgg_ratio_one_is_full_vgg11():
+    variables = jax.eval_shape(lambda: init(models.get_model("vgg11", ratio=1),
+                                            jnp.ones((1, 224, 224, 1))))
+    widths = [1, 64, 128, 256, 256, 512, 512, 512, 512]  # VGG-11's eight 3x3 convs
+    convs = sum(conv_params(a, b, 3) for a, b in zip(widths, widths[1:]))
+    dense = (512 * 7 * 7 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 10 + 10)
+    assert count_params(variables["params"]) == convs + dense
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_and_eval_modes(name):
+    model = models.get_model(name)
+    r = SMALL_RESIZE[name]
+    x = jax.random.uniform(jax.random.key(2), (4, r, r, 1))
+    variables = jax.jit(lambda x: init(model, x, train=False))(x)
+    assert ("batch_stats" in variables) == (name in WITH_BN)
+
+    apply_eval = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    y_eval = apply_eval(variables, x)
+    chex.assert_shape(y_eval, (4, 10))
+    chex.assert_tree_all_finite(y_eval)
+    chex.assert_trees_all_equal(y_eval, apply_eval(variables, x))  # eval is deterministic
+
+    y_train, updates = jax.jit(lambda v, x: model.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}))(variables, x)
+    if name in WITH_BN | WITH_DROPOUT:
+        assert not jnp.allclose(y_train, y_eval, atol=1e-6), "train mode should differ"
+    else:
+        chex.assert_trees_all_close(y_train, y_eval, atol=1e-6)
+    if name in WITH_BN:
+        # One train step moves the moving statistics away from their initial values.
+        moved = jax.tree_util.tree_map(lambda new, old: bool(jnp.any(new != old)),
+                                       updates["batch_stats"], variables["batch_stats"])
+        assert all(jax.tree_util.tree_leaves(moved))
+    else:
+        assert not updates
+
+
+# --- registry and summary ----------------------------------------------------------------
+
+def test_list_models_names():
+    assert ALL == ["lenet", "lenet_bn_scratch", "lenet_bn", "alexnet", "vgg11", "nin",
+                   "googlenet", "resnet18", "resnet34", "densenet"]
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: lenet, lenet_bn_scratch"):
+        models.get_model("resnet50")
+
+
+def test_get_model_fields_and_classes():
+    assert models.get_model("vgg11").ratio == 4
+    assert models.get_model("vgg11", ratio=1).ratio == 1
+    assert models.get_model("lenet", num_classes=3).num_classes == 3
+    assert models.get_model("resnet34").stage_sizes == (3, 4, 6, 3)
+
+
+def test_recipes_follow_the_notes():
+    for run in reference.load()["runs"]:
+        if run["source"] != "001":  # the chapter-by-chapter note wins where two differ
+            continue
+        name = run["arch"].split(" ")[0]
+        assert models.recipe(name) == {k: run[k] for k in ("lr", "batch_size", "resize", "epochs")}
+    assert models.recipe("lenet") == {"lr": 0.9, "batch_size": 256, "resize": 28, "epochs": 10}
+    assert models.recipe("resnet34") == models.recipe("resnet18")
+    assert models.recipe("lenet_bn") == models.recipe("lenet_bn_scratch")
+
+
+def test_summary_lists_blocks_and_total():
+    text = models.summary("resnet18", resize=224)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[3:]}
+    assert rows["b1"][0] == "56x56x64"
+    assert rows["b5"][0] == "7x7x512"
+    assert rows["total"] == ["11,178,378"]
+    assert "input 1x96x96x1" in models.summary("resnet18")  # recipe resize by default
+
+
+def test_packaged_reference_matches_the_spec():
+    spec = Path(__file__).resolve().parents[2] / "shared" / "reference" / "d2l_results.json"
+    if not spec.exists():
+        pytest.skip(f"the specification is not beside this checkout ({spec})")
+    shared = json.loads(spec.read_text())
+    assert reference.load()["runs"] == shared["runs"]
+    shared_counts = {k: v for k, v in shared["parameter_counts"].items() if k != "about"}
+    assert reference.load()["parameter_counts"] == shared_counts
