@@ -1,38 +1,211 @@
-"""Train a network of the book on Fashion-MNIST, or print its summary.
+"""Train a network of the book on Fashion-MNIST (or print its summary).
 
-    python -m experiments.run --arch lenet_bn --summary
+    python -m experiments.run --arch lenet_bn              # the book's recipe
+    python -m experiments.run --arch googlenet --epochs 1 --max-train 2048
+    python -m experiments.run --resume runs/lenet_bn-20261121-120000
+    python -m experiments.run --arch resnet18 --summary --resize 224
+
+Defaults are the book's recipe for the network (`cnnjax.models.recipe`). A run writes
+config.json, metrics.json, curves.png and a checkpoint per epoch into --out.
+
+Exit codes: 0 done, 2 bad input (one line says what and how to fix it),
+3 the loss diverged, 130 interrupted with Ctrl-C (resume with --resume).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import shutil
 import sys
+import time
+from pathlib import Path
 
-from cnnjax import models
-from experiments.cli import ArgumentParser, fail, positive_int
+from experiments.cli import (ArgumentParser, UsageError, fail, non_negative_float,
+                             positive_float, positive_int)
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+FULL_TRAIN_SIZE = 60_000
 
 
 def build_parser() -> ArgumentParser:
+    from cnnjax import models
+
+    names = ", ".join(models.list_models())
     parser = ArgumentParser(
-        prog="run", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--arch", required=True, metavar="NAME",
-                        help=f"network to use, one of: {', '.join(models.list_models())}")
+        prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", metavar="NAME", help=f"network to train: {names}")
     parser.add_argument("--summary", action="store_true",
-                        help="print each top-level block's output shape and parameter "
-                             "count, and the total, then exit")
-    parser.add_argument("--resize", type=positive_int, metavar="R",
-                        help="input height and width (default: the book's recipe)")
+                        help="print each top-level block's output shape and parameter count "
+                             "(at --resize) and exit without training")
+    recipe = parser.add_argument_group("training settings (default: the book's recipe for --arch)")
+    recipe.add_argument("--epochs", type=positive_int, help="passes over the training set")
+    recipe.add_argument("--lr", type=positive_float, help="SGD learning rate")
+    recipe.add_argument("--batch-size", type=positive_int, metavar="N",
+                        help="examples per SGD step (and per evaluation batch)")
+    recipe.add_argument("--resize", type=positive_int, metavar="R",
+                        help="resize the 28x28 images to RxR on the device (bilinear)")
+    recipe.add_argument("--momentum", type=non_negative_float, metavar="M",
+                        help="SGD momentum (default 0: plain SGD as in the book)")
+    recipe.add_argument("--weight-decay", type=non_negative_float, metavar="WD",
+                        help="L2 weight decay added to the gradient (default 0)")
+    recipe.add_argument("--seed", type=int, help="seed for initialisation, shuffling and "
+                                                 "dropout; same seed, settings and device "
+                                                 "give the same numbers (default 0)")
+    recipe.add_argument("--max-train", type=positive_int, metavar="N",
+                        help="train on the first N training images only (quick runs)")
+    recipe.add_argument("--max-test", type=positive_int, metavar="N",
+                        help="evaluate on the first N test images only (quick runs)")
+    io = parser.add_argument_group("files")
+    io.add_argument("--data-dir", metavar="DIR",
+                    help="where TFDS keeps the prepared Fashion-MNIST (default: TFDS's, "
+                         "~/tensorflow_datasets); prepared once, then reused")
+    io.add_argument("--out", metavar="DIR",
+                    help="output directory (default: runs/<arch>-<timestamp>); must be new "
+                         "or empty unless --force")
+    io.add_argument("--force", action="store_true",
+                    help="replace whatever --out already holds")
+    io.add_argument("--resume", metavar="DIR",
+                    help="continue the run in DIR from its last checkpoint, with its settings "
+                         "(--epochs may be raised to train longer)")
+    io.add_argument("--no-progress", action="store_true",
+                    help="no progress bar, only a line per epoch (the default when the "
+                         "output is not a terminal)")
     return parser
+
+
+# Settings a user may pass; None means "not given on the command line".
+_SETTINGS = ("epochs", "lr", "batch_size", "resize", "momentum", "weight_decay", "seed",
+             "max_train", "max_test")
+
+
+def resolve_config(args):
+    """The run's TrainConfig: the recipe with the given flags, or, with --resume,
+    the resumed run's settings (which the given flags must agree with)."""
+    from cnnjax import models
+    from cnnjax.train import TrainConfig
+
+    given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+    if args.resume:
+        config_file = Path(args.resume) / "config.json"
+        if not Path(args.resume).is_dir():
+            raise UsageError(f"--resume {args.resume}: no such directory")
+        if not config_file.is_file():
+            raise UsageError(f"--resume {args.resume}: not a cnnjax run (no config.json); "
+                             "give the --out directory of an earlier run")
+        try:
+            saved = TrainConfig(**json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UsageError(f"--resume {args.resume}: config.json is damaged ({err})") from None
+        if args.arch is not None:
+            given["arch"] = args.arch
+        differ = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})"
+                  for k, v in given.items() if k != "epochs" and getattr(saved, k) != v]
+        if differ:
+            raise UsageError(f"--resume {args.resume} continues a run with other settings: "
+                             f"{'; '.join(differ)}; drop those flags, or start a new run "
+                             "with a new --out")
+        return dataclasses.replace(saved, epochs=given.get("epochs", saved.epochs))
+
+    if args.arch is None:
+        raise UsageError("--arch is required (or --resume DIR); valid names: "
+                         + ", ".join(models.list_models()))
+    if args.arch not in models.list_models():
+        raise UsageError(f"unknown --arch {args.arch!r}; valid names: "
+                         + ", ".join(models.list_models()))
+    return TrainConfig.from_recipe(args.arch, **given)
+
+
+def validate(config, args) -> None:
+    """The checks that need no data and no device, before anything is written."""
+    from cnnjax import models
+
+    available = min(config.max_train or FULL_TRAIN_SIZE, FULL_TRAIN_SIZE)
+    if config.batch_size > available:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {available} "
+                         "training examples; use a smaller --batch-size or a larger --max-train")
+    if not models.accepts_input(config.arch, config.resize):
+        smallest = models.min_input_size(config.arch)
+        raise UsageError(f"--resize {config.resize} is too small for {config.arch}: its layers "
+                         f"need at least {smallest}x{smallest} inputs (the book uses "
+                         f"{models.recipe(config.arch)['resize']})")
+
+
+def prepare_out_dir(config, args) -> Path:
+    if args.resume:
+        return Path(args.resume)
+    out = Path(args.out or f"runs/{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            raise UsageError(f"--out {out} already holds files (another run?); continue it "
+                             "with --resume, replace it with --force, or pick another --out")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    except OSError as err:
+        raise UsageError(f"--out {out} cannot be written ({err.strerror})") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.arch not in models.list_models():
-        return fail(parser.prog, f"unknown --arch {args.arch!r}; valid names: "
-                                 f"{', '.join(models.list_models())}")
-    if not args.summary:
-        return fail(parser.prog, "training is not wired into this CLI yet; use --summary")
-    print(models.summary(args.arch, resize=args.resize))
+    prog = parser.prog
+    from cnnjax import models
+
+    try:
+        if args.summary:
+            if args.arch not in models.list_models():
+                raise UsageError(f"unknown --arch {args.arch!r}; valid names: "
+                                 + ", ".join(models.list_models()))
+            resize = args.resize or models.recipe(args.arch)["resize"]
+            if not models.accepts_input(args.arch, resize):
+                smallest = models.min_input_size(args.arch)
+                raise UsageError(f"--resize {resize} is too small for {args.arch}: its "
+                                 f"layers need at least {smallest}x{smallest} inputs")
+            print(models.summary(args.arch, resize=resize))
+            return 0
+        config = resolve_config(args)
+        validate(config, args)
+        return train(config, args, prog)
+    except UsageError as err:
+        return fail(prog, str(err))
+
+
+def train(config, args, prog: str) -> int:
+    from cnnjax.data import DataUnavailableError, load_fashion_mnist
+    from cnnjax.trainer import Diverged, Interrupted, book_summary, fit
+
+    try:
+        data = load_fashion_mnist(args.data_dir, max_train=config.max_train,
+                                  max_test=config.max_test)
+    except DataUnavailableError as err:
+        return fail(prog, str(err))
+    out = prepare_out_dir(config, args)
+    resume_hint = f"python -m experiments.run --resume {out}"
+    try:
+        metrics = fit(config, data, out, resume=bool(args.resume),
+                      progress=False if args.no_progress else None)
+    except Interrupted as err:
+        print(f"{prog}: interrupted ({err}); checkpoint saved. Resume with: {resume_hint}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Diverged as err:
+        return fail(prog, f"{err}; try a lower --lr (now {config.lr}). The last good "
+                          f"checkpoint is in {out}/checkpoints", EXIT_DIVERGED)
+    except Exception as err:  # noqa: BLE001 -- only out-of-memory is translated
+        if "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err):
+            return fail(prog, f"the device ran out of memory with --batch-size "
+                              f"{config.batch_size}; try a smaller --batch-size")
+        raise
+    print(book_summary(metrics))
+    print(f"wrote {out}/metrics.json, {out}/curves.png and checkpoints")
     return 0
 
 

@@ -9,11 +9,13 @@ from cnnjax.models.nin import NiN, nin_block
 from cnnjax.models.registry import (
     BlockInfo,
     Recipe,
+    accepts_input,
     block_infos,
     count_params,
     describe,
     get_model,
     list_models,
+    min_input_size,
     recipe,
     summary,
 )
@@ -21,7 +23,7 @@ from cnnjax.models.resnet import Residual, ResNet, Stem, resnet_block
 from cnnjax.models.vgg import VGG, vgg_block
 
 __all__ = [
-    "AlexNet", "BlockInfo", "DenseBlock", "DenseNet", "GoogLeNet", "Inception", "LeNet",
+    "AlexNet", "BlockInfo", "accepts_input", "min_input_size", "DenseBlock", "DenseNet", "GoogLeNet", "Inception", "LeNet",
     "LeNetBN", "NiN", "Recipe", "ResNet", "Residual", "Stem", "VGG", "block_infos",
     "conv_block", "count_params", "describe", "get_model", "list_models", "nin_block",
     "recipe", "resnet_block", "summary", "transition_block", "vgg_block",

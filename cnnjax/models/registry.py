@@ -138,6 +138,43 @@ def block_infos(model: nn.Module, resize: int, channels: int = 1) -> list[BlockI
             for name, shape in outputs]
 
 
+def accepts_input(name: str, resize: int) -> bool:
+    """Whether every layer of network `name` has a non-empty output for a
+    `resize` x `resize` input (too small an image shrinks to nothing on the way)."""
+    empty = []
+
+    def check(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if any(d == 0 for leaf in jax.tree_util.tree_leaves(out) for d in leaf.shape):
+            empty.append(context.module.name)
+        return out
+
+    def init():
+        return get_model(name).init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                    jnp.zeros((1, resize, resize, 1)), train=False)
+
+    try:
+        with nn.intercept_methods(check):
+            jax.eval_shape(init)
+    except (TypeError, ValueError, ZeroDivisionError):  # e.g. a window larger than its input
+        return False
+    return not empty
+
+
+@functools.cache
+def min_input_size(name: str) -> int:
+    """The smallest square input network `name` accepts (AlexNet: 65x65, so not
+    Fashion-MNIST's 28x28). Found by bisection: if a size works, every larger one does."""
+    low, high = 1, recipe(name)["resize"]  # high always works
+    while low < high:
+        mid = (low + high) // 2
+        if accepts_input(name, mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
 def summary(name: str, resize: int | None = None) -> str:
     """A table of network `name`'s top-level blocks: output shape (H x W x C, or C
     after pooling) and parameters, like the book's "output shape" printouts, and

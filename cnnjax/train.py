@@ -1,0 +1,138 @@
+"""Training and evaluation as the book's `train_ch6` does them, as pure JAX functions.
+
+`train_ch6` trains with plain SGD on softmax cross-entropy, accumulates the loss and
+accuracy over each epoch, then measures test accuracy with the moving batch-norm
+statistics. Here the same happens in two jitted steps over a small `TrainState`:
+
+- `train_step` gathers a batch by index from the whole training set (kept on the
+  device as uint8), scales and resizes it, takes one SGD step, and adds the batch's
+  loss and correct count to running totals that stay on the device;
+- `eval_step` does the forward pass in eval mode and counts correct predictions,
+  masking the padding of the last test batch so every test image counts once.
+
+Randomness is derived, not carried: epoch `e` shuffles with `fold_in(shuffle_key, e)`
+and step `s` drops out with `fold_in(dropout_key, s)`, so a resumed run replays
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from cnnjax import models
+from cnnjax.data import preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run's numbers."""
+
+    arch: str
+    epochs: int
+    lr: float
+    batch_size: int
+    resize: int
+    seed: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_train: int | None = None
+    max_test: int | None = None
+
+    @classmethod
+    def from_recipe(cls, arch: str, **overrides: Any) -> TrainConfig:
+        """The book's recipe for `arch`, with the non-None `overrides` applied."""
+        settings = models.recipe(arch)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(arch=arch, **settings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, optimizer) plus the moving BN statistics."""
+
+    batch_stats: Any
+
+
+Totals = dict[str, jax.Array]  # running sums over an epoch, kept on the device
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """`torch.optim.SGD(lr, momentum, weight_decay)`: plain SGD as in the book unless
+    momentum or weight decay is asked for (decay is added to the gradient, as in
+    PyTorch, before the momentum)."""
+    sgd = optax.sgd(config.lr, momentum=config.momentum or None)
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
+    return sgd
+
+
+def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array) -> TrainState:
+    """Initialise `model` for `config.resize`-sized one-channel images."""
+    params_key, dropout_key = jax.random.split(key)
+    x = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
+
+    @jax.jit
+    def init():
+        return model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
+
+    variables = init()
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}),
+                             tx=make_optimizer(config))
+
+
+def zero_totals() -> Totals:
+    return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+            "count": jnp.zeros((), jnp.int32),
+            # First step whose loss was not finite, or -1.
+            "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnames=("resize",), donate_argnames=("state", "totals"))
+def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax.Array,
+               indices: jax.Array, dropout_key: jax.Array, resize: int
+               ) -> tuple[TrainState, Totals]:
+    """One SGD step on the batch `images[indices]`; adds its loss and accuracy to `totals`."""
+    x = preprocess(images[indices], resize)
+    y = labels[indices]
+    step_dropout_key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": step_dropout_key})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads,
+                                      batch_stats=updates.get("batch_stats", state.batch_stats))
+    bad = (totals["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss)
+    totals = {
+        "loss_sum": totals["loss_sum"] + loss * y.shape[0],
+        "correct": totals["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
+        "count": totals["count"] + y.shape[0],
+        "first_nonfinite_step": jnp.where(bad, state.step, totals["first_nonfinite_step"]),
+    }
+    return new_state, totals
+
+
+@functools.partial(jax.jit, static_argnames=("resize",), donate_argnames=("correct",))
+def eval_step(state: TrainState, correct: jax.Array, images: jax.Array, labels: jax.Array,
+              indices: jax.Array, mask: jax.Array, resize: int) -> jax.Array:
+    """Add the number of correct predictions on `images[indices]` (where `mask`) to
+    `correct`, using the moving BN statistics and no dropout."""
+    x = preprocess(images[indices], resize)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            x, train=False)
+    return correct + jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)

@@ -1,0 +1,219 @@
+"""A whole training run: data on the device, the epoch loop, and what a run leaves
+behind in its output directory.
+
+    OUT/config.json      the settings (written first; `--resume` reads it)
+    OUT/metrics.json     per-epoch loss, accuracies, examples/sec; device; compile time
+    OUT/curves.png       train loss, train acc and test acc against epoch
+    OUT/checkpoints/     orbax checkpoints after every epoch (and on Ctrl-C)
+
+The loop dispatches one jitted step per batch and never waits for the device,
+except where the progress bar reads the running totals (every `refresh_every`
+steps) and once at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from cnnjax import models
+from cnnjax.checkpoint import Checkpoints
+from cnnjax.data import FashionMNIST, eval_batch_indices, train_batch_indices
+from cnnjax.plots import plot_curves
+from cnnjax.train import (TrainConfig, create_train_state, eval_step, train_step,
+                          zero_totals)
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run stopped at a step boundary and saved a checkpoint."""
+
+
+class Diverged(Exception):
+    """The training loss stopped being finite."""
+
+
+def describe_device() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform} ({device.device_kind})"
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class _StopOnSigint:
+    """While active, Ctrl-C sets a flag that the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # A second Ctrl-C: stop at once.
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
+        resume: bool = False, log: Callable[[str], None] = print,
+        progress: bool | None = None, refresh_every: int = 100) -> dict:
+    """Train `config.arch` on `data` as `config` says, writing into `out_dir`.
+
+    With `resume`, continue from the newest checkpoint in `out_dir`. `progress`
+    shows a progress bar (None: only when stderr is a terminal). Returns the
+    content of metrics.json.
+
+    Raises:
+      Interrupted: after Ctrl-C, once the checkpoint is saved.
+      Diverged: the loss became NaN or infinite (the last checkpoint is kept).
+    """
+    out_dir = Path(out_dir)
+    num_train, num_test = len(data.train_labels), len(data.test_labels)
+    if config.batch_size > num_train:
+        raise ValueError(f"batch size {config.batch_size} is larger than the "
+                         f"{num_train} training examples")
+    steps_per_epoch = num_train // config.batch_size
+
+    # Everything the steps read stays on the device for the whole run.
+    train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
+    test_images, test_labels = jax.device_put((data.test_images, data.test_labels))
+    test_indices, test_mask = (jnp.asarray(a) for a in eval_batch_indices(num_test,
+                                                                          config.batch_size))
+    shuffle_key, dropout_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
+
+    model = models.get_model(config.arch)
+    state = create_train_state(config, model, init_key)
+    totals = zero_totals()
+    checkpoints = Checkpoints(out_dir / "checkpoints")
+    metrics = {"arch": config.arch, "config": config.to_dict(), "device": describe_device(),
+               "device_count": jax.device_count(), "compile_seconds": None,
+               "train_examples_per_epoch": steps_per_epoch * config.batch_size,
+               "dropped_per_epoch": num_train - steps_per_epoch * config.batch_size,
+               "test_examples": num_test, "epochs": []}
+    start_epoch, start_batch = 0, 0
+    if resume and checkpoints.latest_step() is not None:
+        state, totals, position = checkpoints.restore(state, totals)
+        start_epoch, start_batch = position["epoch"], position["batch"]
+        metrics["epochs"] = position["history"]
+        log(f"resumed from {out_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+
+    # Compile both steps ahead of time, so compilation is timed on its own.
+    started = time.perf_counter()
+    compiled_train = train_step.lower(state, totals, train_images, train_labels,
+                                      jnp.zeros((config.batch_size,), jnp.int32), dropout_key,
+                                      resize=config.resize).compile()
+    compiled_eval = eval_step.lower(state, jnp.zeros((), jnp.int32), test_images, test_labels,
+                                    test_indices[0], test_mask[0],
+                                    resize=config.resize).compile()
+    metrics["compile_seconds"] = round(time.perf_counter() - started, 3)
+    log(f"training {config.arch} on {describe_device()} x{jax.device_count()}: "
+        f"{config.epochs} epochs, lr {config.lr}, batch {config.batch_size}, "
+        f"{config.resize}x{config.resize}; {steps_per_epoch} steps/epoch "
+        f"({metrics['dropped_per_epoch']} examples of the last partial batch dropped, "
+        f"different ones each epoch); compiled in {metrics['compile_seconds']:.1f}s")
+
+    def save(epoch: int, batch: int) -> None:
+        checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
+                                         "history": metrics["epochs"]})
+
+    with _StopOnSigint() as sigint:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_indices = train_batch_indices(jax.random.fold_in(shuffle_key, epoch),
+                                                num_train, config.batch_size)
+            first = start_batch if epoch == start_epoch else 0
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="step", leave=False, dynamic_ncols=True,
+                       disable=(not sys.stderr.isatty()) if progress is None else not progress)
+            epoch_start = time.perf_counter()
+            for batch in range(first, steps_per_epoch):
+                if sigint.requested:
+                    bar.close()
+                    save(epoch, batch)
+                    checkpoints.wait()
+                    raise Interrupted(f"stopped at epoch {epoch + 1}, batch {batch}")
+                state, totals = compiled_train(state, totals, train_images, train_labels,
+                                               epoch_indices[batch], dropout_key)
+                bar.update()
+                if (batch + 1) % refresh_every == 0:
+                    bar.set_postfix(_postfix(totals, time.perf_counter() - epoch_start,
+                                             (batch + 1 - first) * config.batch_size))
+            host_totals = jax.device_get(totals)  # waits for the epoch's last step
+            train_seconds = time.perf_counter() - epoch_start
+            bar.close()
+            if host_totals["first_nonfinite_step"] >= 0:
+                step = int(host_totals["first_nonfinite_step"])
+                raise Diverged(f"the loss became {'NaN' if math.isnan(host_totals['loss_sum']) else 'infinite'} "
+                               f"in epoch {epoch + 1} at step {step + 1} "
+                               f"(batch {step - epoch * steps_per_epoch + 1} of the epoch)")
+
+            correct = jnp.zeros((), jnp.int32)
+            for i in range(len(test_indices)):
+                correct = compiled_eval(state, correct, test_images, test_labels,
+                                        test_indices[i], test_mask[i])
+            test_acc = int(correct) / num_test
+            count = int(host_totals["count"])
+            metrics["epochs"].append({
+                "epoch": epoch + 1,
+                "train_loss": float(host_totals["loss_sum"]) / count,
+                "train_acc": int(host_totals["correct"]) / count,
+                "test_acc": test_acc,
+                # Examples trained on in this sitting of the epoch (after a resume,
+                # only those since the resume), over the time they took.
+                "examples_per_sec": (steps_per_epoch - first) * config.batch_size / train_seconds,
+                "seconds": time.perf_counter() - epoch_start,
+                "train_examples": (steps_per_epoch - first) * config.batch_size,
+                "train_seconds": train_seconds,
+            })
+            totals = zero_totals()
+            save(epoch + 1, 0)
+            write_json(out_dir / "metrics.json", metrics)
+            plot_curves(metrics["epochs"], out_dir / "curves.png",
+                        f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
+                        f"{config.resize}x{config.resize}, {describe_device()}")
+            e = metrics["epochs"][-1]
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {e['train_loss']:.3f}, "
+                f"train acc {e['train_acc']:.3f}, test acc {e['test_acc']:.3f}, "
+                f"{e['examples_per_sec']:.1f} examples/sec, {e['seconds']:.1f}s")
+    checkpoints.wait()
+    checkpoints.close()
+    return metrics
+
+
+def _postfix(totals, seconds: float, examples: int) -> dict[str, str]:
+    t = jax.device_get(totals)
+    count = max(int(t["count"]), 1)
+    return {"loss": f"{float(t['loss_sum']) / count:.3f}",
+            "acc": f"{int(t['correct']) / count:.3f}",
+            "img/s": f"{examples / seconds:.0f}"}
+
+
+def book_summary(metrics: dict) -> str:
+    """The two lines `train_ch6` ends with: final loss and accuracies, and the
+    examples/sec over all epochs on the device."""
+    last = metrics["epochs"][-1]
+    rate = (sum(e["train_examples"] for e in metrics["epochs"])
+            / sum(e["train_seconds"] for e in metrics["epochs"]))
+    return (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
+            f"test acc {last['test_acc']:.3f}\n"
+            f"{rate:.1f} examples/sec on {metrics['device']}")
+

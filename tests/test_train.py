@@ -1,0 +1,150 @@
+"""Training: the steps against plain computations, a short real run that learns,
+exact resume, and the CLI end to end on real Fashion-MNIST (small subsets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnjax import data, models
+from cnnjax.train import TrainConfig, create_train_state, eval_step, train_step, zero_totals
+from cnnjax.trainer import book_summary, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(fashion_mnist_dir) -> data.FashionMNIST:
+    return data.load_fashion_mnist(fashion_mnist_dir, max_train=2048, max_test=500)
+
+
+def synthetic(num_train: int, num_test: int, seed: int = 0) -> data.FashionMNIST:
+    rng = np.random.default_rng(seed)
+    images = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)  # noqa: E731
+    labels = lambda n: rng.integers(0, 10, (n,), dtype=np.int32)  # noqa: E731
+    return data.FashionMNIST(images(num_train), labels(num_train), images(num_test), labels(num_test))
+
+
+def test_train_step_is_one_sgd_step_on_cross_entropy():
+    config = TrainConfig(arch="lenet_bn", epochs=1, lr=0.5, batch_size=8, resize=28)
+    ds = synthetic(16, 1)
+    state = create_train_state(config, models.get_model("lenet_bn"), jax.random.key(0))
+    indices = jnp.arange(3, 11, dtype=jnp.int32)
+    x = ds.train_images[3:11].astype(np.float32) / 255.0
+    y = ds.train_labels[3:11]
+    key = jax.random.key(1)
+
+    def loss_fn(params):  # the same step, written out directly
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                         x, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    expected_params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, state.params, grads)
+    expected_stats = updates["batch_stats"]
+
+    new_state, totals = train_step(state, zero_totals(), jnp.asarray(ds.train_images),
+                                   jnp.asarray(ds.train_labels), indices, key, resize=28)
+    np.testing.assert_allclose(float(totals["loss_sum"]), float(loss) * 8, rtol=1e-5)
+    assert int(totals["correct"]) == int(np.sum(np.argmax(logits, -1) == y))
+    assert int(totals["count"]) == 8 and int(new_state.step) == 1
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           new_state.params, expected_params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           new_state.batch_stats, expected_stats)
+
+
+@pytest.mark.parametrize("num_test, batch_size", [(10, 4), (13, 13), (7, 16)])
+def test_eval_counts_every_test_image_once(num_test, batch_size):
+    config = TrainConfig(arch="lenet", epochs=1, lr=0.1, batch_size=batch_size, resize=28)
+    ds = synthetic(1, num_test)
+    state = create_train_state(config, models.get_model("lenet"), jax.random.key(0))
+    # Reference: one forward pass over the whole test set at once.
+    logits = state.apply_fn({"params": state.params}, ds.test_images / 255.0, train=False)
+    expected = int(np.sum(np.argmax(logits, -1) == ds.test_labels))
+    indices, mask = data.eval_batch_indices(num_test, batch_size)
+    correct = jnp.zeros((), jnp.int32)
+    for i in range(len(indices)):
+        correct = eval_step(state, correct, jnp.asarray(ds.test_images),
+                            jnp.asarray(ds.test_labels), jnp.asarray(indices[i]),
+                            jnp.asarray(mask[i]), resize=28)
+    assert int(correct) == expected
+
+
+def test_short_real_run_learns(small_data, tmp_path):
+    config = TrainConfig(arch="lenet_bn", epochs=3, lr=1.0, batch_size=64, resize=28)
+    metrics = fit(config, small_data, tmp_path, log=lambda _: None, progress=False)
+    first, _, last = metrics["epochs"]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["test_acc"] > 0.6  # chance is 0.1
+    assert metrics["test_examples"] == 500
+    assert metrics["train_examples_per_epoch"] == 2048  # 32 full batches, nothing dropped
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(small_data, tmp_path):
+    config = TrainConfig(arch="lenet_bn", epochs=2, lr=1.0, batch_size=256, resize=28, seed=3)
+    quiet = dict(log=lambda _: None, progress=False)
+    straight = fit(config, small_data, tmp_path / "straight", **quiet)
+    fit(dataclasses.replace(config, epochs=1), small_data, tmp_path / "stopped", **quiet)
+    resumed = fit(config, small_data, tmp_path / "stopped", resume=True, **quiet)
+    keys = ("epoch", "train_loss", "train_acc", "test_acc")
+    assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
+           [{k: e[k] for k in keys} for e in straight["epochs"]]
+
+
+def test_book_summary_lines():
+    metrics = {"device": "cpu (cpu)", "epochs": [
+        {"train_loss": 0.5, "train_acc": 0.8, "test_acc": 0.75, "train_examples": 100,
+         "train_seconds": 1.0},
+        {"train_loss": 0.2674, "train_acc": 0.9021, "test_acc": 0.8417, "train_examples": 100,
+         "train_seconds": 3.0}]}
+    assert book_summary(metrics) == ("loss 0.267, train acc 0.902, test acc 0.842\n"
+                                     "50.0 examples/sec on cpu (cpu)")
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--arch", "lenet_bn", "--epochs", "1", "--max-train", "512",
+                   "--max-test", "256", "--data-dir", fashion_mnist_dir, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last_lines = proc.stdout.strip().splitlines()
+    assert last_lines[-3].startswith("loss ") and ", test acc " in last_lines[-3]
+    assert " examples/sec on cpu" in last_lines[-2]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
+    assert metrics["config"] == {**models.recipe("lenet_bn"), "arch": "lenet_bn", "epochs": 1,
+                                 "seed": 0, "momentum": 0.0, "weight_decay": 0.0,
+                                 "max_train": 512, "max_test": 256}
+    assert metrics["device"].startswith("cpu") and metrics["compile_seconds"] > 0
+    (epoch,) = metrics["epochs"]
+    assert set(epoch) >= {"epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec",
+                          "seconds"}
+    assert 0 <= epoch["test_acc"] <= 1 and epoch["examples_per_sec"] > 0
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert any((out / "checkpoints").iterdir())
+
+
+def test_cli_summary_for_every_network():
+    from experiments.run import main
+
+    for name in models.list_models():
+        assert main(["--arch", name, "--summary"]) == 0
