@@ -102,3 +102,17 @@ def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_diverging_run_stops_with_exit_3(tmp_path, fashion_mnist_dir):
+    # The book trains GoogLeNet with lr 0.1; at lr 10 the loss is NaN within a few steps.
+    out = tmp_path / "run"
+    proc = run_cli("--arch", "googlenet", "--lr", "10", "--resize", "32", "--batch-size", "64",
+                   "--max-train", "512", "--max-test", "64", "--epochs", "2",
+                   "--data-dir", fashion_mnist_dir, "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("python -m experiments.run: error:")]
+    assert "the loss became NaN in epoch 1 at step" in line and "lower --lr" in line
+    assert not (out / "metrics.json").exists()  # no epoch finished
+    assert not any((out / "checkpoints").iterdir())  # nothing non-finite was saved
