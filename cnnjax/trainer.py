@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from cnnjax import models
-from cnnjax.checkpoint import Checkpoints
+from cnnjax.checkpoint import CheckpointError, Checkpoints
 from cnnjax.data import FashionMNIST, eval_batch_indices, train_batch_indices
 from cnnjax.plots import plot_curves
 from cnnjax.train import (TrainConfig, create_train_state, eval_step, train_step,
@@ -112,7 +112,11 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                "test_examples": num_test, "epochs": []}
     start_epoch, start_batch = 0, 0
     if resume and checkpoints.latest_step() is not None:
-        state, totals, position = checkpoints.restore(state, totals)
+        try:
+            state, totals, position = checkpoints.restore(state, totals)
+        except CheckpointError:
+            checkpoints.close()
+            raise
         start_epoch, start_batch = position["epoch"], position["batch"]
         metrics["epochs"] = position["history"]
         log(f"resumed from {out_dir} at epoch {start_epoch + 1}, batch {start_batch}")

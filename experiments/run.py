@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config, args, prog: str) -> int:
+    from cnnjax.checkpoint import CheckpointError
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
     from cnnjax.trainer import Diverged, Interrupted, book_summary, fit
 
@@ -196,13 +197,16 @@ def train(config, args, prog: str) -> int:
         print(f"{prog}: interrupted ({err}); checkpoint saved. Resume with: {resume_hint}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except CheckpointError as err:
+        return fail(prog, f"--resume {out}: {err}")
     except Diverged as err:
         return fail(prog, f"{err}; try a lower --lr (now {config.lr}). The last good "
                           f"checkpoint is in {out}/checkpoints", EXIT_DIVERGED)
     except Exception as err:  # noqa: BLE001 -- only out-of-memory is translated
         if "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err):
-            return fail(prog, f"the device ran out of memory with --batch-size "
-                              f"{config.batch_size}; try a smaller --batch-size")
+            return fail(prog, f"the device ran out of memory training {config.arch} with "
+                              f"--batch-size {config.batch_size} at {config.resize}x"
+                              f"{config.resize}; try a smaller --batch-size")
         raise
     print(book_summary(metrics))
     print(f"wrote {out}/metrics.json, {out}/curves.png and checkpoints")

@@ -1,0 +1,504 @@
+"""The PyTorch side of the benchmark: the `cnnjax` model zoo rebuilt in PyTorch.
+
+Every network follows the notes' PyTorch code (`shared/seeds/`, i.e. d2l's
+chapters 6 and 7) layer for layer, with the architecture of our Flax models:
+same kernels, strides, paddings, widths, dropout, batch-norm placement
+(momentum 0.1 in PyTorch's convention = 0.9 in ours, eps 1e-5) and
+activations, so that `count_params(build(arch))` equals the JAX count.
+Weights start Xavier-uniform, as the notes' `train_ch6` initialises them.
+
+`time_training` times the notes' training loop (`train_ch6`: SGD, cross-entropy,
+resizing on the CPU inside the loop), either eagerly as the notes write it
+("notes") or with the usual PyTorch speed-ups ("tuned": channels-last, bfloat16
+autocast, `torch.compile`, resizing on the device). Only `experiments/bench.py`
+uses this module; it needs PyTorch (no torchvision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["build", "count_params", "time_training"]
+
+# The input size each network is trained at (`cnnjax.models.recipe(arch)["resize"]`).
+# LeNet, AlexNet and VGG end in a flatten, so their first dense layer depends on it.
+_RECIPE_RESIZE = {"lenet": 28, "lenet_bn_scratch": 28, "lenet_bn": 28, "alexnet": 224,
+                  "vgg11": 224, "nin": 224, "googlenet": 96, "resnet18": 96,
+                  "resnet34": 96, "densenet": 96}
+
+
+def _out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a conv or pool along one axis (d2l §6.3)."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def _xavier_init(module: nn.Module) -> None:
+    """`train_ch6`'s `init_weights`: Xavier-uniform weights for every conv and dense layer."""
+    if type(module) in (nn.Linear, nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight)
+
+
+# --- LeNet (§6.6) and LeNet with batch norm (§7.5) ---------------------------------
+
+def lenet(resize: int = 28) -> nn.Module:
+    """LeNet-5: sigmoids and 2x2 average pools; the first conv padded by 2."""
+    n = _out(_out(_out(_out(resize, 5, padding=2), 2, 2), 5), 2, 2)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * n * n, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, 10))
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The book's from-scratch batch norm (§7.5.3): batch statistics (biased
+    variance) while gradients are on, moving statistics otherwise."""
+    if not torch.is_grad_enabled():
+        X_hat = (X - moving_mean) / torch.sqrt(moving_var + eps)
+    else:
+        assert len(X.shape) in (2, 4)
+        if len(X.shape) == 2:
+            mean = X.mean(dim=0)
+            var = ((X - mean) ** 2).mean(dim=0)
+        else:
+            mean = X.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((X - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        X_hat = (X - mean) / torch.sqrt(var + eps)
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    Y = gamma * X_hat + beta
+    return Y, moving_mean.detach(), moving_var.detach()
+
+
+class BatchNorm(nn.Module):
+    """The book's `BatchNorm` layer (§7.5.3); `num_dims` is 2 after a dense layer,
+    4 after a conv. The moving statistics are buffers (the book keeps them as
+    plain tensors and moves them by hand) so `.to(device)` carries them along."""
+
+    def __init__(self, num_features: int, num_dims: int):
+        super().__init__()
+        shape = (1, num_features) if num_dims == 2 else (1, num_features, 1, 1)
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("moving_mean", torch.zeros(shape))
+        self.register_buffer("moving_var", torch.ones(shape))
+
+    def forward(self, X):
+        Y, self.moving_mean, self.moving_var = batch_norm(
+            X, self.gamma, self.beta, self.moving_mean, self.moving_var,
+            eps=1e-5, momentum=0.9)
+        return Y
+
+
+def lenet_bn(resize: int = 28, scratch: bool = False) -> nn.Module:
+    """LeNet with batch norm between every conv/hidden dense layer and its sigmoid
+    (§7.5.4, or §7.5.5 with `nn.BatchNorm2d`/`nn.BatchNorm1d`); no padding."""
+    def norm(channels: int, num_dims: int) -> nn.Module:
+        if scratch:
+            return BatchNorm(channels, num_dims=num_dims)
+        return nn.BatchNorm2d(channels) if num_dims == 4 else nn.BatchNorm1d(channels)
+
+    n = _out(_out(_out(_out(resize, 5), 2, 2), 5), 2, 2)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5), norm(6, 4), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), norm(16, 4), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2), nn.Flatten(),
+        nn.Linear(16 * n * n, 120), norm(120, 2), nn.Sigmoid(),
+        nn.Linear(120, 84), norm(84, 2), nn.Sigmoid(),
+        nn.Linear(84, 10))
+
+
+# --- AlexNet (§7.1), VGG (§7.2), NiN (§7.3) ----------------------------------------
+
+def alexnet(resize: int = 224) -> nn.Module:
+    """AlexNet: five convs, three 3x3/2 max pools, two 4096-unit dense layers with
+    dropout 0.5 (6400 flattened features at 224x224)."""
+    n = _out(_out(_out(_out(resize, 11, 4, 1), 3, 2), 3, 2), 3, 2)
+    return nn.Sequential(
+        nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1), nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(96, 256, kernel_size=5, padding=2), nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Flatten(),
+        nn.Linear(256 * n * n, 4096), nn.ReLU(), nn.Dropout(p=0.5),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
+        nn.Linear(4096, 10))
+
+
+def vgg_block(num_convs: int, in_channels: int, out_channels: int) -> nn.Module:
+    """`num_convs` 3x3 convs (padding 1) with ReLU, then a 2x2/2 max pool."""
+    layers = []
+    for _ in range(num_convs):
+        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+        layers.append(nn.ReLU())
+        in_channels = out_channels
+    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+VGG11_ARCH = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+
+
+def vgg(resize: int = 224, conv_arch=VGG11_ARCH, ratio: int = 4) -> nn.Module:
+    """VGG (VGG-11 by default) with every conv width divided by `ratio` (§7.2.3)."""
+    conv_blks, in_channels, n = [], 1, resize
+    for num_convs, out_channels in conv_arch:
+        out_channels //= ratio
+        conv_blks.append(vgg_block(num_convs, in_channels, out_channels))
+        in_channels, n = out_channels, n // 2
+    return nn.Sequential(
+        *conv_blks, nn.Flatten(),
+        nn.Linear(in_channels * n * n, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, 10))
+
+
+def nin_block(in_channels, out_channels, kernel_size, strides, padding) -> nn.Module:
+    """One ordinary conv and two 1x1 convs, ReLU after each."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU())
+
+
+def nin() -> nn.Module:
+    """NiN: four NiN blocks, 3x3/2 max pools, dropout 0.5 before the last block,
+    global average pooling of one channel per class."""
+    return nn.Sequential(
+        nin_block(1, 96, kernel_size=11, strides=4, padding=0),
+        nn.MaxPool2d(3, stride=2),
+        nin_block(96, 256, kernel_size=5, strides=1, padding=2),
+        nn.MaxPool2d(3, stride=2),
+        nin_block(256, 384, kernel_size=3, strides=1, padding=1),
+        nn.MaxPool2d(3, stride=2),
+        nn.Dropout(0.5),
+        nin_block(384, 10, kernel_size=3, strides=1, padding=1),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten())
+
+
+# --- GoogLeNet (§7.4) --------------------------------------------------------------
+
+class Inception(nn.Module):
+    """Four parallel paths (1x1; 1x1 then 3x3; 1x1 then 5x5; 3x3 max pool then
+    1x1) concatenated on channels; ReLU after every conv."""
+
+    def __init__(self, in_channels, c1, c2, c3, c4):
+        super().__init__()
+        self.p1_1 = nn.Conv2d(in_channels, c1, kernel_size=1)
+        self.p2_1 = nn.Conv2d(in_channels, c2[0], kernel_size=1)
+        self.p2_2 = nn.Conv2d(c2[0], c2[1], kernel_size=3, padding=1)
+        self.p3_1 = nn.Conv2d(in_channels, c3[0], kernel_size=1)
+        self.p3_2 = nn.Conv2d(c3[0], c3[1], kernel_size=5, padding=2)
+        self.p4_1 = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+        self.p4_2 = nn.Conv2d(in_channels, c4, kernel_size=1)
+
+    def forward(self, x):
+        p1 = F.relu(self.p1_1(x))
+        p2 = F.relu(self.p2_2(F.relu(self.p2_1(x))))
+        p3 = F.relu(self.p3_2(F.relu(self.p3_1(x))))
+        p4 = F.relu(self.p4_2(self.p4_1(x)))
+        return torch.cat((p1, p2, p3, p4), dim=1)
+
+
+def googlenet() -> nn.Module:
+    """GoogLeNet: blocks b1..b5 (nine Inception blocks) and a dense output layer."""
+    def pool():
+        return nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    b1 = nn.Sequential(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+                       nn.ReLU(), pool())
+    b2 = nn.Sequential(nn.Conv2d(64, 64, kernel_size=1), nn.ReLU(),
+                       nn.Conv2d(64, 192, kernel_size=3, padding=1), nn.ReLU(), pool())
+    b3 = nn.Sequential(Inception(192, 64, (96, 128), (16, 32), 32),
+                       Inception(256, 128, (128, 192), (32, 96), 64),
+                       pool())
+    b4 = nn.Sequential(Inception(480, 192, (96, 208), (16, 48), 64),
+                       Inception(512, 160, (112, 224), (24, 64), 64),
+                       Inception(512, 128, (128, 256), (24, 64), 64),
+                       Inception(512, 112, (144, 288), (32, 64), 64),
+                       Inception(528, 256, (160, 320), (32, 128), 128),
+                       pool())
+    b5 = nn.Sequential(Inception(832, 256, (160, 320), (32, 128), 128),
+                       Inception(832, 384, (192, 384), (48, 128), 128),
+                       nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+    return nn.Sequential(b1, b2, b3, b4, b5, nn.Linear(1024, 10))
+
+
+# --- ResNet (§7.6) and DenseNet (§7.7) ---------------------------------------------
+
+class Residual(nn.Module):
+    """Two 3x3 convs with batch norm, the input (through a 1x1 conv with
+    `use_1x1conv`) added before the last ReLU."""
+
+    def __init__(self, input_channels, num_channels, use_1x1conv=False, strides=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3,
+                               padding=1, stride=strides)
+        self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
+        if use_1x1conv:
+            self.conv3 = nn.Conv2d(input_channels, num_channels, kernel_size=1,
+                                   stride=strides)
+        else:
+            self.conv3 = None
+        self.bn1 = nn.BatchNorm2d(num_channels)
+        self.bn2 = nn.BatchNorm2d(num_channels)
+
+    def forward(self, X):
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3:
+            X = self.conv3(X)
+        Y += X
+        return F.relu(Y)
+
+
+def stem() -> nn.Module:
+    """b1 of ResNet and DenseNet: 7x7/2 conv (padding 3), batch norm, ReLU, 3x3/2 max pool."""
+    return nn.Sequential(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+                         nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+
+
+def resnet_block(input_channels, num_channels, num_residuals, first_block=False):
+    """One stage: the first block halves the resolution (except in the first stage)."""
+    blk = []
+    for i in range(num_residuals):
+        if i == 0 and not first_block:
+            blk.append(Residual(input_channels, num_channels, use_1x1conv=True, strides=2))
+        else:
+            blk.append(Residual(num_channels, num_channels))
+    return blk
+
+
+def resnet(stage_sizes=(2, 2, 2, 2)) -> nn.Module:
+    """ResNet: stem, stages of 64/128/256/512 channels, global average pool, dense.
+    (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34."""
+    blocks, in_channels = [stem()], 64
+    for i, num_residuals in enumerate(stage_sizes):
+        channels = 64 * 2**i
+        blocks.append(nn.Sequential(*resnet_block(in_channels, channels, num_residuals,
+                                                  first_block=(i == 0))))
+        in_channels = channels
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+                         nn.Linear(in_channels, 10))
+
+
+def conv_block(input_channels, num_channels) -> nn.Module:
+    """DenseNet's conv block: batch norm, ReLU, 3x3 conv (padding 1)."""
+    return nn.Sequential(
+        nn.BatchNorm2d(input_channels), nn.ReLU(),
+        nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1))
+
+
+class DenseBlock(nn.Module):
+    """`num_convs` conv blocks, each fed the concatenation of the input and all
+    earlier outputs."""
+
+    def __init__(self, num_convs, input_channels, num_channels):
+        super().__init__()
+        self.net = nn.Sequential(*[conv_block(num_channels * i + input_channels, num_channels)
+                                   for i in range(num_convs)])
+
+    def forward(self, X):
+        for blk in self.net:
+            Y = blk(X)
+            X = torch.cat((X, Y), dim=1)
+        return X
+
+
+def transition_block(input_channels, num_channels) -> nn.Module:
+    """Batch norm, ReLU, 1x1 conv to `num_channels`, 2x2/2 average pool."""
+    return nn.Sequential(
+        nn.BatchNorm2d(input_channels), nn.ReLU(),
+        nn.Conv2d(input_channels, num_channels, kernel_size=1),
+        nn.AvgPool2d(kernel_size=2, stride=2))
+
+
+def densenet(num_convs_in_dense_blocks=(4, 4, 4, 4), growth_rate: int = 32) -> nn.Module:
+    """DenseNet: stem, dense blocks with channel-halving transitions, batch norm,
+    ReLU, global average pool, dense."""
+    num_channels, blks = 64, []
+    for i, num_convs in enumerate(num_convs_in_dense_blocks):
+        blks.append(DenseBlock(num_convs, num_channels, growth_rate))
+        num_channels += num_convs * growth_rate
+        if i != len(num_convs_in_dense_blocks) - 1:
+            blks.append(transition_block(num_channels, num_channels // 2))
+            num_channels //= 2
+    return nn.Sequential(
+        stem(), *blks,
+        nn.BatchNorm2d(num_channels), nn.ReLU(),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+        nn.Linear(num_channels, 10))
+
+
+# --- the zoo -----------------------------------------------------------------------
+
+_BUILDERS = {
+    "lenet": lambda r: lenet(r),
+    "lenet_bn_scratch": lambda r: lenet_bn(r, scratch=True),
+    "lenet_bn": lambda r: lenet_bn(r),
+    "alexnet": lambda r: alexnet(r),
+    "vgg11": lambda r: vgg(r),
+    "nin": lambda r: nin(),
+    "googlenet": lambda r: googlenet(),
+    "resnet18": lambda r: resnet((2, 2, 2, 2)),
+    "resnet34": lambda r: resnet((3, 4, 6, 3)),
+    "densenet": lambda r: densenet(),
+}
+
+
+def build(arch: str, *, resize: int | None = None) -> nn.Module:
+    """PyTorch network `arch` (a `cnnjax` registry name) for 1-channel images and
+    10 classes, Xavier-initialised. `resize` (default: the recipe's) sizes the
+    first dense layer of the networks that flatten (LeNet, AlexNet, VGG)."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown model {arch!r}; valid names: {', '.join(_BUILDERS)}")
+    model = _BUILDERS[arch](resize or _RECIPE_RESIZE[arch])
+    model.apply(_xavier_init)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable values (moving statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- timing ------------------------------------------------------------------------
+
+def _synchronize(device: torch.device, loss: torch.Tensor) -> float:
+    """Wait for the device and return the loss (the `.item()` syncs on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss.item()
+
+
+def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
+                  flavour: str = "notes", device: str = "cpu", windows: int = 5,
+                  steps_per_window: int = 10, warmup_steps: int = 3, seed: int = 0,
+                  images=None, labels=None) -> dict:
+    """Images per second of `train_ch6`'s training step for network `arch`.
+
+    Each step draws `batch_size` random examples of `images` (uint8, N x 28 x 28
+    or N x 28 x 28 x 1; default 60000 random images), scales them to [0, 1],
+    resizes them bilinearly to `resize` x `resize`, then runs forward,
+    cross-entropy, backward and an SGD step at `lr`. flavour "notes": eager
+    NCHW float32 with the resize on the CPU, as the notes' DataLoader does it;
+    "tuned": channels-last, bfloat16 autocast, `torch.compile` (eager if
+    compiling fails: "compiled" is then False) and the resize on `device`.
+    `warmup_steps` untimed steps (compilation included) come first, then
+    `windows` timed windows of `steps_per_window` steps, each ending with a sync.
+    """
+    if flavour not in ("notes", "tuned"):
+        raise ValueError(f"unknown flavour {flavour!r}; valid: notes, tuned")
+    tuned = flavour == "tuned"
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if (images is None) != (labels is None):
+        raise ValueError("give both images and labels, or neither")
+    if images is None:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (60_000, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, 60_000)
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"images must be N x H x W (x 1), got shape {images.shape}")
+    images_u8 = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # N, 1, H, W
+    labels_i64 = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    num_examples = images_u8.shape[0]
+
+    model = build(arch, resize=resize).to(dev)
+    if tuned:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    forward, compiled = model, False
+    if tuned:
+        try:
+            forward, compiled = torch.compile(model), True
+        except Exception:  # noqa: BLE001 -- no compiler backend: time eager instead.
+            forward, compiled = model, False
+
+    def autocast():
+        if tuned:
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def resized(x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0
+        if x.shape[-1] != resize or x.shape[-2] != resize:
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear",
+                              align_corners=False, antialias=False)
+        return x
+
+    def step() -> torch.Tensor:
+        idx = torch.randint(num_examples, (batch_size,), generator=generator)
+        x, y = images_u8[idx], labels_i64[idx]
+        if tuned:
+            x = resized(x.to(dev, non_blocking=True)).contiguous(
+                memory_format=torch.channels_last)
+        else:
+            x = resized(x).to(dev)
+        y = y.to(dev)
+        optimizer.zero_grad()
+        with autocast():
+            loss = loss_fn(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def first_step() -> torch.Tensor:
+        # torch.compile is lazy: a missing backend shows up on the first call.
+        nonlocal forward, compiled
+        if compiled:
+            try:
+                return step()
+            except Exception:  # noqa: BLE001 -- e.g. no C++ toolchain for inductor.
+                forward, compiled = model, False
+        return step()
+
+    start = time.perf_counter()
+    loss = None
+    for _ in range(warmup_steps):
+        loss = step() if loss is not None else first_step()
+    final_loss = _synchronize(dev, loss) if loss is not None else float("nan")
+    warmup_seconds = time.perf_counter() - start
+
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps_per_window):
+            loss = step() if loss is not None else first_step()
+        final_loss = _synchronize(dev, loss)
+        rates.append(batch_size * steps_per_window / (time.perf_counter() - start))
+    return {
+        "img_per_s": statistics.median(rates) if rates else float("nan"),
+        "window_img_per_s": rates,
+        "warmup_seconds": warmup_seconds,
+        "flavour": flavour,
+        "compiled": compiled,
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "torch_version": torch.__version__,
+        "final_loss": final_loss,
+    }

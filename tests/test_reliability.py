@@ -1,0 +1,175 @@
+"""A crash costs at most the epoch in flight: kill -9 and Ctrl-C mid-epoch, a crash in
+the middle of a checkpoint save, a damaged checkpoint, and running out of memory, all
+through the CLI on the real Fashion-MNIST (small subsets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROG = "python -m experiments.run"
+# 156 steps per epoch: long enough (seconds) for a signal to land inside epoch 2.
+SETTINGS = ("--arch", "lenet_bn", "--epochs", "2", "--batch-size", "128", "--max-train",
+            "20000", "--max-test", "1000", "--seed", "5", "--no-progress")
+STEPS_PER_EPOCH = 20000 // 128
+COMPARED = ("epoch", "train_loss", "train_acc", "test_acc")
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_signal(args: list[str], sig: int, after_line: str, delay: float, log: Path
+                   ) -> tuple[int, str]:
+    """Start the CLI, send `sig` `delay` seconds after it prints a line starting with
+    `after_line`, and return its exit code and stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for line in proc.stdout:
+            if line.startswith(after_line):
+                time.sleep(delay)
+                proc.send_signal(sig)
+                break
+        proc.stdout.read()
+        code = proc.wait(timeout=300)
+    return code, log.read_text()
+
+
+def final_numbers(out: Path) -> list[dict]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    return [{k: e[k] for k in COMPARED} for e in metrics["epochs"]]
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fashion_mnist_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reliability") / "straight"
+    proc = cli(*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_numbers(uninterrupted, fashion_mnist_dir,
+                                                             tmp_path):
+    out = tmp_path / "killed"
+    code, _ = run_and_signal([*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)],
+                             signal.SIGKILL, "epoch 1/2:", 1.0, tmp_path / "stderr.txt")
+    assert code == -signal.SIGKILL
+    # The kill landed inside epoch 2: only epoch 1 reached metrics.json and a checkpoint.
+    assert len(final_numbers(out)) == 1
+    assert checkpoint_steps(out)[-1] == STEPS_PER_EPOCH
+
+    proc = cli("--resume", str(out), "--data-dir", fashion_mnist_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {out} at epoch 2, batch 0" in proc.stdout
+    assert final_numbers(out) == final_numbers(uninterrupted)
+
+
+def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(uninterrupted, fashion_mnist_dir,
+                                                              tmp_path):
+    out = tmp_path / "interrupted"
+    code, stderr = run_and_signal([*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)],
+                                  signal.SIGINT, "epoch 1/2:", 0.5, tmp_path / "stderr.txt")
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    (line,) = [l for l in stderr.splitlines() if l.startswith(f"{PROG}: interrupted")]
+    assert "stopped at epoch 2, batch " in line
+    assert f"Resume with: {PROG} --resume {out}" in line
+    saved = checkpoint_steps(out)[-1]
+    assert STEPS_PER_EPOCH < saved < 2 * STEPS_PER_EPOCH  # a mid-epoch checkpoint
+
+    proc = cli("--resume", str(out), "--data-dir", fashion_mnist_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"at epoch 2, batch {saved - STEPS_PER_EPOCH}" in proc.stdout
+    assert final_numbers(out) == final_numbers(uninterrupted)
+
+
+def test_damaged_checkpoint_is_one_line_and_exit_2(uninterrupted, fashion_mnist_dir, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, out)
+    newest = checkpoint_steps(out)[-1]
+    for path in (out / "checkpoints" / str(newest)).rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the array data: truncate it
+            path.write_bytes(path.read_bytes()[:10])
+    proc = cli("--resume", str(out), "--epochs", "3", "--data-dir", fashion_mnist_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith(f"{PROG}: error:")]
+    assert f"the checkpoint at step {newest} in " in line and "is damaged" in line
+    assert f"to resume from the checkpoint at step {STEPS_PER_EPOCH}" in line
+
+    # Following the advice works: the older checkpoint resumes.
+    shutil.rmtree(out / "checkpoints" / str(newest))
+    proc = cli("--resume", str(out), "--data-dir", fashion_mnist_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert final_numbers(out) == final_numbers(uninterrupted)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path):
+    # A child process saves checkpoint 1, starts saving checkpoint 2 (400 MB, so
+    # the write takes a while) and is killed before that save completes.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import jax, jax.numpy as jnp
+        from cnnjax import models
+        from cnnjax.checkpoint import Checkpoints
+        from cnnjax.train import TrainConfig, create_train_state, zero_totals
+
+        config = TrainConfig(arch="lenet", epochs=1, lr=0.1, batch_size=8, resize=28)
+        state = create_train_state(config, models.get_model("lenet"), jax.random.key(0))
+        checkpoints = Checkpoints(sys.argv[1])
+        checkpoints.save(state.replace(step=1), zero_totals(), {"epoch": 1, "batch": 0})
+        checkpoints.wait()
+        big = {**zero_totals(), "ballast": jnp.ones((100_000_000,))}
+        checkpoints.save(state.replace(step=2), big, {"epoch": 2, "batch": 0})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    directory = tmp_path / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (directory / "2.orbax-checkpoint-tmp").is_dir()  # the save was cut short
+
+    import jax
+
+    from cnnjax import models
+    from cnnjax.checkpoint import Checkpoints
+    from cnnjax.train import TrainConfig, create_train_state, zero_totals
+
+    config = TrainConfig(arch="lenet", epochs=1, lr=0.1, batch_size=8, resize=28)
+    state = create_train_state(config, models.get_model("lenet"), jax.random.key(1))
+    checkpoints = Checkpoints(directory)
+    assert checkpoints.latest_step() == 1
+    restored, _, progress = checkpoints.restore(state, zero_totals())
+    assert int(restored.step) == 1 and progress["epoch"] == 1
+    checkpoints.close()
+
+
+def test_out_of_memory_is_one_line_and_exit_2(fashion_mnist_dir, tmp_path):
+    # A real allocation failure: NiN's first layer on 1024 images of 3000x3000
+    # needs about 220 GB.
+    proc = cli("--arch", "nin", "--batch-size", "1024", "--resize", "3000", "--max-train",
+               "1024", "--max-test", "16", "--data-dir", fashion_mnist_dir,
+               "--out", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith(f"{PROG}: error:")]
+    assert "ran out of memory training nin with --batch-size 1024 at 3000x3000" in line
+    assert "try a smaller --batch-size" in line
