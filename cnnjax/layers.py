@@ -15,6 +15,8 @@ channels-last (NHWC) throughout, as in Flax.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -146,17 +148,24 @@ class BatchNorm(nn.Module):
     Train with `use_running_average=False` and `mutable=['batch_stats']`;
     evaluate with `use_running_average=True`. The flag can be set on the
     module or at call time, not both (as in Flax).
+
+    For mixed precision (e.g. bfloat16 input), the statistics are computed and
+    stored in (at least) float32, like Flax's; the output has `dtype`, or the
+    input's dtype when `dtype` is None.
     """
 
     use_running_average: bool | None = None
     momentum: float = 0.9
     epsilon: float = 1e-5
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
         num_channels = x.shape[-1]
         gamma = self.param("gamma", nn.initializers.ones, (num_channels,))
         beta = self.param("beta", nn.initializers.zeros, (num_channels,))
@@ -178,4 +187,4 @@ class BatchNorm(nn.Module):
         if not use_running_average and not self.is_initializing():
             moving_mean.value = new_mean
             moving_var.value = new_var
-        return y
+        return jnp.asarray(y, out_dtype)

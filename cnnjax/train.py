@@ -4,11 +4,16 @@
 accuracy over each epoch, then measures test accuracy with the moving batch-norm
 statistics. Here the same happens in two jitted steps over a small `TrainState`:
 
-- `train_step` gathers a batch by index from the whole training set (kept on the
-  device as uint8), scales and resizes it, takes one SGD step, and adds the batch's
-  loss and correct count to running totals that stay on the device;
-- `eval_step` does the forward pass in eval mode and counts correct predictions,
-  masking the padding of the last test batch so every test image counts once.
+- `train_step` picks its batch from this epoch's shuffled index table (row
+  `step % num_batches`), gathers it from the whole training set (kept on the device
+  as uint8), scales and resizes it, takes one SGD step, and adds the batch's loss
+  and correct count to running totals that stay on the device;
+- `evaluate` runs `eval_step` over every test batch in one call: the forward pass
+  in eval mode, counting correct predictions and masking the padding of the last
+  batch so every test image counts once.
+
+Neither step knows about devices: given arrays sharded over a 'data' mesh
+(`cnnjax.parallel`), XLA splits the work and adds the collectives.
 
 Randomness is derived, not carried: epoch `e` shuffles with `fold_in(shuffle_key, e)`
 and step `s` drops out with `fold_in(dropout_key, s)`, so a resumed run replays
@@ -45,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_train: int | None = None
     max_test: int | None = None
+    dtype: str = "float32"  # computation dtype of convs and matmuls ("bfloat16")
 
     @classmethod
     def from_recipe(cls, arch: str, **overrides: Any) -> TrainConfig:
@@ -76,19 +82,29 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return sgd
 
 
-def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array) -> TrainState:
-    """Initialise `model` for `config.resize`-sized one-channel images."""
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The network `config.arch`, computing in `config.dtype` (params stay float32)."""
+    return models.get_model(config.arch, dtype=DTYPES[config.dtype])
+
+
+def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
+                       sharding: jax.sharding.Sharding | None = None) -> TrainState:
+    """Initialise `model` for `config.resize`-sized one-channel images, placing every
+    array of the state with `sharding` (e.g. replicated over a mesh)."""
     params_key, dropout_key = jax.random.split(key)
     x = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding)
     def init():
-        return model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
+        variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                 batch_stats=variables.get("batch_stats", {}),
+                                 tx=make_optimizer(config))
 
-    variables = init()
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables.get("batch_stats", {}),
-                             tx=make_optimizer(config))
+    return init()
 
 
 def zero_totals() -> Totals:
@@ -100,9 +116,16 @@ def zero_totals() -> Totals:
 
 @functools.partial(jax.jit, static_argnames=("resize",), donate_argnames=("state", "totals"))
 def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax.Array,
-               indices: jax.Array, dropout_key: jax.Array, resize: int
+               batches: jax.Array, dropout_key: jax.Array, resize: int
                ) -> tuple[TrainState, Totals]:
-    """One SGD step on the batch `images[indices]`; adds its loss and accuracy to `totals`."""
+    """One SGD step on the batch `images[batches[state.step % len(batches)]]`; adds
+    its loss and accuracy to `totals`.
+
+    `batches` is the epoch's (num_batches, batch_size) table of shuffled indices; the
+    step finds its own row, so the loop passes the same arrays every step and does no
+    work on the host between steps.
+    """
+    indices = batches[state.step % batches.shape[0]]
     x = preprocess(images[indices], resize)
     y = labels[indices]
     step_dropout_key = jax.random.fold_in(dropout_key, state.step)
@@ -127,12 +150,22 @@ def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax
     return new_state, totals
 
 
-@functools.partial(jax.jit, static_argnames=("resize",), donate_argnames=("correct",))
-def eval_step(state: TrainState, correct: jax.Array, images: jax.Array, labels: jax.Array,
-              indices: jax.Array, mask: jax.Array, resize: int) -> jax.Array:
-    """Add the number of correct predictions on `images[indices]` (where `mask`) to
-    `correct`, using the moving BN statistics and no dropout."""
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,
+              mask: jax.Array, resize: int) -> jax.Array:
+    """The number of correct predictions on `images[indices]` (where `mask`), using
+    the moving BN statistics and no dropout."""
     x = preprocess(images[indices], resize)
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             x, train=False)
-    return correct + jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)
+    return jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)
+
+
+@functools.partial(jax.jit, static_argnames=("resize",))
+def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array,
+             masks: jax.Array, resize: int) -> jax.Array:
+    """Correct predictions over all test batches (`batches`, `masks`: (num_batches,
+    batch_size), from `data.eval_batch_indices`), in one call."""
+    def body(i, correct):
+        return correct + eval_step(state, images, labels, batches[i], masks[i], resize)
+
+    return jax.lax.fori_loop(0, batches.shape[0], body, jnp.zeros((), jnp.int32))

@@ -6,13 +6,16 @@ behind in its output directory.
     OUT/curves.png       train loss, train acc and test acc against epoch
     OUT/checkpoints/     orbax checkpoints after every epoch (and on Ctrl-C)
 
-The loop dispatches one jitted step per batch and never waits for the device,
-except where the progress bar reads the running totals (every `refresh_every`
-steps) and once at the end of each epoch.
+The loop dispatches one jitted step per batch with the same arguments each time
+and never waits for the device, except where the progress bar reads the running
+totals (every `refresh_every` steps) and once at the end of each epoch. Training
+is data parallel over every device (or `num_devices` of them), see
+`cnnjax.parallel`; with several hosts, only process 0 writes files and logs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,17 +24,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
-from cnnjax import models
 from cnnjax.checkpoint import CheckpointError, Checkpoints
 from cnnjax.data import FashionMNIST, eval_batch_indices, train_batch_indices
+from cnnjax.parallel import DataParallel
 from cnnjax.plots import plot_curves
-from cnnjax.train import (TrainConfig, create_train_state, eval_step, train_step,
-                          zero_totals)
+from cnnjax.train import (Totals, TrainConfig, TrainState, build_model,
+                          create_train_state, evaluate, train_step, zero_totals)
 
 
 class Interrupted(Exception):
@@ -74,42 +79,114 @@ class _StopOnSigint:
         signal.signal(signal.SIGINT, self._previous)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A run set up on the devices, shared by `fit` and the benchmark: the data and
+    the initial state placed over the mesh, and both steps compiled ahead of time
+    (so compilation is timed on its own) with the arrays they always read bound."""
+
+    config: TrainConfig
+    parallel: DataParallel
+    state: TrainState
+    totals: Totals
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
+    compile_seconds: float
+    compiled_train: Any  # jax.stages.Compiled
+    compiled_eval: Any
+    _arrays: dict[str, jax.Array]
+    _shuffle_key: jax.Array
+
+    @classmethod
+    def create(cls, config: TrainConfig, data: FashionMNIST,
+               num_devices: int | None = None) -> Prepared:
+        num_train, num_test = len(data.train_labels), len(data.test_labels)
+        if config.batch_size > num_train:
+            raise ValueError(f"batch size {config.batch_size} is larger than the "
+                             f"{num_train} training examples")
+        parallel = DataParallel.create(num_devices)
+        if config.batch_size % parallel.num_devices:
+            raise ValueError(f"batch size {config.batch_size} is not divisible by the "
+                             f"{parallel.num_devices} devices")
+        steps_per_epoch = num_train // config.batch_size
+
+        # Everything the steps read stays on the devices for the whole run: the data
+        # and state replicated, the batch index tables split along the batch axis.
+        arrays = dict(zip(("train_images", "train_labels", "test_images", "test_labels"),
+                          parallel.replicate((data.train_images, data.train_labels,
+                                              data.test_images, data.test_labels))))
+        arrays["test_batches"], arrays["test_masks"] = parallel.shard_batches(
+            eval_batch_indices(num_test, config.batch_size))
+        shuffle_key, dropout_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
+        arrays["dropout_key"] = jax.random.wrap_key_data(
+            parallel.replicate(jax.random.key_data(dropout_key)))
+        state = create_train_state(config, build_model(config), init_key, parallel.replicated)
+        totals = parallel.replicate(zero_totals())
+
+        started = time.perf_counter()
+        batches = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32,
+                                       sharding=parallel.batch_sharding(2, 1))
+        compiled_train = train_step.lower(
+            state, totals, arrays["train_images"], arrays["train_labels"], batches,
+            arrays["dropout_key"], resize=config.resize).compile()
+        compiled_eval = evaluate.lower(
+            state, arrays["test_images"], arrays["test_labels"], arrays["test_batches"],
+            arrays["test_masks"], resize=config.resize).compile()
+        compile_seconds = round(time.perf_counter() - started, 3)
+        return cls(config, parallel, state, totals, num_train, num_test, steps_per_epoch,
+                   compile_seconds, compiled_train, compiled_eval, arrays, shuffle_key)
+
+    def epoch_batches(self, epoch: int) -> jax.Array:
+        """Epoch `epoch`'s shuffled (steps_per_epoch, batch_size) index table, split
+        over the devices along the batch axis."""
+        indices = train_batch_indices(jax.random.fold_in(self._shuffle_key, epoch),
+                                      self.num_train, self.config.batch_size)
+        return self.parallel.shard_batches(np.asarray(indices))
+
+    def train_step(self, state: TrainState, totals: Totals, batches: jax.Array
+                   ) -> tuple[TrainState, Totals]:
+        """One compiled `train.train_step` (it consumes `state` and `totals`)."""
+        a = self._arrays
+        return self.compiled_train(state, totals, a["train_images"], a["train_labels"],
+                                   batches, a["dropout_key"])
+
+    def evaluate(self, state: TrainState) -> jax.Array:
+        """Correct predictions on the whole test set (a device scalar)."""
+        a = self._arrays
+        return self.compiled_eval(state, a["test_images"], a["test_labels"],
+                                  a["test_batches"], a["test_masks"])
+
+
 def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
-        resume: bool = False, log: Callable[[str], None] = print,
-        progress: bool | None = None, refresh_every: int = 100) -> dict:
+        resume: bool = False, num_devices: int | None = None,
+        log: Callable[[str], None] = print, progress: bool | None = None,
+        refresh_every: int = 100) -> dict:
     """Train `config.arch` on `data` as `config` says, writing into `out_dir`.
 
-    With `resume`, continue from the newest checkpoint in `out_dir`. `progress`
-    shows a progress bar (None: only when stderr is a terminal). Returns the
-    content of metrics.json.
+    With `resume`, continue from the newest checkpoint in `out_dir`. The global
+    batch is split over the first `num_devices` devices (default: all), which must
+    divide `config.batch_size`. `progress` shows a progress bar (None: only when
+    stderr is a terminal). Returns the content of metrics.json.
 
     Raises:
       Interrupted: after Ctrl-C, once the checkpoint is saved.
       Diverged: the loss became NaN or infinite (the last checkpoint is kept).
     """
     out_dir = Path(out_dir)
-    num_train, num_test = len(data.train_labels), len(data.test_labels)
-    if config.batch_size > num_train:
-        raise ValueError(f"batch size {config.batch_size} is larger than the "
-                         f"{num_train} training examples")
-    steps_per_epoch = num_train // config.batch_size
-
-    # Everything the steps read stays on the device for the whole run.
-    train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
-    test_images, test_labels = jax.device_put((data.test_images, data.test_labels))
-    test_indices, test_mask = (jnp.asarray(a) for a in eval_batch_indices(num_test,
-                                                                          config.batch_size))
-    shuffle_key, dropout_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
-
-    model = models.get_model(config.arch)
-    state = create_train_state(config, model, init_key)
-    totals = zero_totals()
+    writer = jax.process_index() == 0
+    if not writer:
+        log = lambda _: None  # noqa: E731
+    run = Prepared.create(config, data, num_devices)
+    state, totals = run.state, run.totals
+    steps_per_epoch = run.steps_per_epoch
     checkpoints = Checkpoints(out_dir / "checkpoints")
     metrics = {"arch": config.arch, "config": config.to_dict(), "device": describe_device(),
-               "device_count": jax.device_count(), "compile_seconds": None,
+               "device_count": run.parallel.num_devices, "process_count": jax.process_count(),
+               "compile_seconds": run.compile_seconds,
                "train_examples_per_epoch": steps_per_epoch * config.batch_size,
-               "dropped_per_epoch": num_train - steps_per_epoch * config.batch_size,
-               "test_examples": num_test, "epochs": []}
+               "dropped_per_epoch": run.num_train - steps_per_epoch * config.batch_size,
+               "test_examples": run.num_test, "epochs": []}
     start_epoch, start_batch = 0, 0
     if resume and checkpoints.latest_step() is not None:
         try:
@@ -120,21 +197,12 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
         start_epoch, start_batch = position["epoch"], position["batch"]
         metrics["epochs"] = position["history"]
         log(f"resumed from {out_dir} at epoch {start_epoch + 1}, batch {start_batch}")
-
-    # Compile both steps ahead of time, so compilation is timed on its own.
-    started = time.perf_counter()
-    compiled_train = train_step.lower(state, totals, train_images, train_labels,
-                                      jnp.zeros((config.batch_size,), jnp.int32), dropout_key,
-                                      resize=config.resize).compile()
-    compiled_eval = eval_step.lower(state, jnp.zeros((), jnp.int32), test_images, test_labels,
-                                    test_indices[0], test_mask[0],
-                                    resize=config.resize).compile()
-    metrics["compile_seconds"] = round(time.perf_counter() - started, 3)
-    log(f"training {config.arch} on {describe_device()} x{jax.device_count()}: "
+    log(f"training {config.arch} on {describe_device()} x{run.parallel.num_devices}: "
         f"{config.epochs} epochs, lr {config.lr}, batch {config.batch_size}, "
-        f"{config.resize}x{config.resize}; {steps_per_epoch} steps/epoch "
+        f"{config.resize}x{config.resize}, {config.dtype}; {steps_per_epoch} steps/epoch "
         f"({metrics['dropped_per_epoch']} examples of the last partial batch dropped, "
-        f"different ones each epoch); compiled in {metrics['compile_seconds']:.1f}s")
+        f"different ones each epoch); compiled in {run.compile_seconds:.1f}s")
+    train, evaluate_on_test = run.train_step, run.evaluate
 
     def save(epoch: int, batch: int) -> None:
         checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
@@ -142,8 +210,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
 
     with _StopOnSigint() as sigint:
         for epoch in range(start_epoch, config.epochs):
-            epoch_indices = train_batch_indices(jax.random.fold_in(shuffle_key, epoch),
-                                                num_train, config.batch_size)
+            batches = run.epoch_batches(epoch)
             first = start_batch if epoch == start_epoch else 0
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
                        unit="step", leave=False, dynamic_ncols=True,
@@ -155,8 +222,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                     save(epoch, batch)
                     checkpoints.wait()
                     raise Interrupted(f"stopped at epoch {epoch + 1}, batch {batch}")
-                state, totals = compiled_train(state, totals, train_images, train_labels,
-                                               epoch_indices[batch], dropout_key)
+                state, totals = train(state, totals, batches)
                 bar.update()
                 if (batch + 1) % refresh_every == 0:
                     bar.set_postfix(_postfix(totals, time.perf_counter() - epoch_start,
@@ -170,11 +236,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                                f"in epoch {epoch + 1} at step {step + 1} "
                                f"(batch {step - epoch * steps_per_epoch + 1} of the epoch)")
 
-            correct = jnp.zeros((), jnp.int32)
-            for i in range(len(test_indices)):
-                correct = compiled_eval(state, correct, test_images, test_labels,
-                                        test_indices[i], test_mask[i])
-            test_acc = int(correct) / num_test
+            test_acc = int(evaluate_on_test(state)) / run.num_test
             count = int(host_totals["count"])
             metrics["epochs"].append({
                 "epoch": epoch + 1,
@@ -190,10 +252,12 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
             })
             totals = zero_totals()
             save(epoch + 1, 0)
-            write_json(out_dir / "metrics.json", metrics)
-            plot_curves(metrics["epochs"], out_dir / "curves.png",
-                        f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
-                        f"{config.resize}x{config.resize}, {describe_device()}")
+            if writer:
+                write_json(out_dir / "metrics.json", metrics)
+                plot_curves(metrics["epochs"], out_dir / "curves.png",
+                            f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
+                            f"{config.resize}x{config.resize}, {config.dtype}, "
+                            f"{describe_device()} x{run.parallel.num_devices}")
             e = metrics["epochs"][-1]
             log(f"epoch {epoch + 1}/{config.epochs}: loss {e['train_loss']:.3f}, "
                 f"train acc {e['train_acc']:.3f}, test acc {e['test_acc']:.3f}, "

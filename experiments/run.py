@@ -4,9 +4,14 @@
     python -m experiments.run --arch googlenet --epochs 1 --max-train 2048
     python -m experiments.run --resume runs/lenet_bn-20261121-120000
     python -m experiments.run --arch resnet18 --summary --resize 224
+    python -m experiments.run --arch resnet18 --dtype bfloat16 --devices 4
 
 Defaults are the book's recipe for the network (`cnnjax.models.recipe`). A run writes
 config.json, metrics.json, curves.png and a checkpoint per epoch into --out.
+Training is data parallel over all devices (a Colab TPU's 8 cores, every GPU);
+--batch-size is the global batch. Launched as one process per host of a cluster
+(Cloud TPU pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set), the processes
+join with jax.distributed.initialize() and train together.
 
 Exit codes: 0 done, 2 bad input (one line says what and how to fix it),
 3 the loss diverged, 130 interrupted with Ctrl-C (resume with --resume).
@@ -59,6 +64,14 @@ def build_parser() -> ArgumentParser:
                         help="train on the first N training images only (quick runs)")
     recipe.add_argument("--max-test", type=positive_int, metavar="N",
                         help="evaluate on the first N test images only (quick runs)")
+    recipe.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="computation dtype of convolutions and matmuls; params, "
+                             "optimizer state, BN statistics and the loss stay float32 "
+                             "(default float32)")
+    devices = parser.add_argument_group("devices")
+    devices.add_argument("--devices", type=positive_int, metavar="N",
+                         help="train on the first N devices (default: all); N must divide "
+                              "--batch-size")
     io = parser.add_argument_group("files")
     io.add_argument("--data-dir", metavar="DIR",
                     help="where TFDS keeps the prepared Fashion-MNIST (default: TFDS's, "
@@ -79,7 +92,7 @@ def build_parser() -> ArgumentParser:
 
 # Settings a user may pass; None means "not given on the command line".
 _SETTINGS = ("epochs", "lr", "batch_size", "resize", "momentum", "weight_decay", "seed",
-             "max_train", "max_test")
+             "max_train", "max_test", "dtype")
 
 
 def resolve_config(args):
@@ -110,28 +123,53 @@ def resolve_config(args):
                              "with a new --out")
         return dataclasses.replace(saved, epochs=given.get("epochs", saved.epochs))
 
-    if args.arch is None:
-        raise UsageError("--arch is required (or --resume DIR); valid names: "
-                         + ", ".join(models.list_models()))
-    if args.arch not in models.list_models():
-        raise UsageError(f"unknown --arch {args.arch!r}; valid names: "
-                         + ", ".join(models.list_models()))
+    check_arch(args.arch)
     return TrainConfig.from_recipe(args.arch, **given)
 
 
-def validate(config, args) -> None:
-    """The checks that need no data and no device, before anything is written."""
+def check_arch(arch: str | None) -> None:
     from cnnjax import models
+
+    if arch is None:
+        raise UsageError("--arch is required (or --resume DIR); valid names: "
+                         + ", ".join(models.list_models()))
+    if arch not in models.list_models():
+        raise UsageError(f"unknown --arch {arch!r}; valid names: "
+                         + ", ".join(models.list_models()))
+
+
+def check_resize(arch: str, resize: int) -> None:
+    from cnnjax import models
+
+    if not models.accepts_input(arch, resize):
+        smallest = models.min_input_size(arch)
+        raise UsageError(f"--resize {resize} is too small for {arch}: its layers need at "
+                         f"least {smallest}x{smallest} inputs (the book uses "
+                         f"{models.recipe(arch)['resize']})")
+
+
+def validate(config, args) -> None:
+    """The checks that need no data, before anything is written."""
+    import jax
+
+    from cnnjax import models
+
+    available_devices = jax.device_count()
+    if args.devices is not None and args.devices > available_devices:
+        raise UsageError(f"--devices {args.devices}: there are only {available_devices} "
+                         f"{jax.default_backend()} devices here")
+    num_devices = args.devices or available_devices
+    if config.batch_size % num_devices:
+        multiple = -(-config.batch_size // num_devices) * num_devices
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by the "
+                         f"{num_devices} devices it is split over; use a multiple of "
+                         f"{num_devices} (e.g. {multiple}) or choose --devices")
 
     available = min(config.max_train or FULL_TRAIN_SIZE, FULL_TRAIN_SIZE)
     if config.batch_size > available:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {available} "
                          "training examples; use a smaller --batch-size or a larger --max-train")
-    if not models.accepts_input(config.arch, config.resize):
-        smallest = models.min_input_size(config.arch)
-        raise UsageError(f"--resize {config.resize} is too small for {config.arch}: its layers "
-                         f"need at least {smallest}x{smallest} inputs (the book uses "
-                         f"{models.recipe(config.arch)['resize']})")
+    check_resize(config.arch, config.resize)
 
 
 def prepare_out_dir(config, args) -> Path:
@@ -158,17 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = parser.prog
     from cnnjax import models
+    from cnnjax.parallel import setup_devices
+
+    if not args.summary:
+        setup_devices()  # before anything else touches the devices
 
     try:
         if args.summary:
-            if args.arch not in models.list_models():
-                raise UsageError(f"unknown --arch {args.arch!r}; valid names: "
-                                 + ", ".join(models.list_models()))
+            check_arch(args.arch)
             resize = args.resize or models.recipe(args.arch)["resize"]
-            if not models.accepts_input(args.arch, resize):
-                smallest = models.min_input_size(args.arch)
-                raise UsageError(f"--resize {resize} is too small for {args.arch}: its "
-                                 f"layers need at least {smallest}x{smallest} inputs")
+            check_resize(args.arch, resize)
             print(models.summary(args.arch, resize=resize))
             return 0
         config = resolve_config(args)
@@ -191,7 +228,7 @@ def train(config, args, prog: str) -> int:
     out = prepare_out_dir(config, args)
     resume_hint = f"python -m experiments.run --resume {out}"
     try:
-        metrics = fit(config, data, out, resume=bool(args.resume),
+        metrics = fit(config, data, out, resume=bool(args.resume), num_devices=args.devices,
                       progress=False if args.no_progress else None)
     except Interrupted as err:
         print(f"{prog}: interrupted ({err}); checkpoint saved. Resume with: {resume_hint}",

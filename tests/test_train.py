@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from cnnjax import data, models
-from cnnjax.train import TrainConfig, create_train_state, eval_step, train_step, zero_totals
+from cnnjax.train import TrainConfig, create_train_state, evaluate, train_step, zero_totals
 from cnnjax.trainer import book_summary, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,8 @@ def test_train_step_is_one_sgd_step_on_cross_entropy():
     config = TrainConfig(arch="lenet_bn", epochs=1, lr=0.5, batch_size=8, resize=28)
     ds = synthetic(16, 1)
     state = create_train_state(config, models.get_model("lenet_bn"), jax.random.key(0))
-    indices = jnp.arange(3, 11, dtype=jnp.int32)
+    # The epoch's index table has two batches; step 0 takes the first row.
+    batches = jnp.stack([jnp.arange(3, 11), jnp.arange(8)]).astype(jnp.int32)
     x = ds.train_images[3:11].astype(np.float32) / 255.0
     y = ds.train_labels[3:11]
     key = jax.random.key(1)
@@ -54,7 +55,7 @@ def test_train_step_is_one_sgd_step_on_cross_entropy():
     expected_stats = updates["batch_stats"]
 
     new_state, totals = train_step(state, zero_totals(), jnp.asarray(ds.train_images),
-                                   jnp.asarray(ds.train_labels), indices, key, resize=28)
+                                   jnp.asarray(ds.train_labels), batches, key, resize=28)
     np.testing.assert_allclose(float(totals["loss_sum"]), float(loss) * 8, rtol=1e-5)
     assert int(totals["correct"]) == int(np.sum(np.argmax(logits, -1) == y))
     assert int(totals["count"]) == 8 and int(new_state.step) == 1
@@ -73,11 +74,8 @@ def test_eval_counts_every_test_image_once(num_test, batch_size):
     logits = state.apply_fn({"params": state.params}, ds.test_images / 255.0, train=False)
     expected = int(np.sum(np.argmax(logits, -1) == ds.test_labels))
     indices, mask = data.eval_batch_indices(num_test, batch_size)
-    correct = jnp.zeros((), jnp.int32)
-    for i in range(len(indices)):
-        correct = eval_step(state, correct, jnp.asarray(ds.test_images),
-                            jnp.asarray(ds.test_labels), jnp.asarray(indices[i]),
-                            jnp.asarray(mask[i]), resize=28)
+    correct = evaluate(state, jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels),
+                       jnp.asarray(indices), jnp.asarray(mask), resize=28)
     assert int(correct) == expected
 
 
@@ -132,7 +130,7 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
     assert metrics["config"] == {**models.recipe("lenet_bn"), "arch": "lenet_bn", "epochs": 1,
                                  "seed": 0, "momentum": 0.0, "weight_decay": 0.0,
-                                 "max_train": 512, "max_test": 256}
+                                 "max_train": 512, "max_test": 256, "dtype": "float32"}
     assert metrics["device"].startswith("cpu") and metrics["compile_seconds"] > 0
     (epoch,) = metrics["epochs"]
     assert set(epoch) >= {"epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import MaxPool, conv, dense, flatten
+from cnnjax.models.common import Dtype, MaxPool, conv, dense, flatten
 
 
 class AlexNet(nn.Module):
@@ -14,24 +14,28 @@ class AlexNet(nn.Module):
 
     At 224x224 the conv stack ends at 5x5x256, so the first dense layer sees 6400
     features, as in the book.
+    `dtype` is the computation dtype; params stay float32, logits are float32.
     """
 
     num_classes: int = 10
     dropout_rate: float = 0.5
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = nn.relu(conv(96, 11, strides=4, padding=1)(x))
+        x = jnp.asarray(x, self.dtype)
+        x = nn.relu(conv(96, 11, strides=4, padding=1, dtype=self.dtype)(x))
         x = MaxPool(3, 2)(x)
-        x = nn.relu(conv(256, 5, padding=2)(x))
+        x = nn.relu(conv(256, 5, padding=2, dtype=self.dtype)(x))
         x = MaxPool(3, 2)(x)
-        x = nn.relu(conv(384, 3, padding=1)(x))
-        x = nn.relu(conv(384, 3, padding=1)(x))
-        x = nn.relu(conv(256, 3, padding=1)(x))
+        x = nn.relu(conv(384, 3, padding=1, dtype=self.dtype)(x))
+        x = nn.relu(conv(384, 3, padding=1, dtype=self.dtype)(x))
+        x = nn.relu(conv(256, 3, padding=1, dtype=self.dtype)(x))
         x = MaxPool(3, 2)(x)
         x = flatten(x)
-        x = nn.relu(dense(4096)(x))
+        x = nn.relu(dense(4096, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.relu(dense(4096)(x))
+        x = nn.relu(dense(4096, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return dense(self.num_classes)(x)
+        x = dense(self.num_classes, dtype=self.dtype)(x)
+        return jnp.asarray(x, jnp.float32)

@@ -5,6 +5,12 @@ The book builds its networks from `nn.Conv2d(..., kernel_size, stride, padding)`
 helpers give the same layers in Flax, channels-last (NHWC), with the explicit
 symmetric paddings the book uses (never `'SAME'`), and with Xavier-uniform kernels
 as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`.
+
+Mixed precision follows Flax's ImageNet example: every network and block has a
+`dtype` field (the computation dtype, float32 by default) passed to each
+`nn.Conv`/`nn.Dense`/`nn.BatchNorm` as `dtype`; parameters stay float32 (the
+default `param_dtype`), batch-norm statistics are float32, and a network casts its
+input to `dtype` and returns float32 logits.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 ModuleDef = Any
+Dtype = Any
 
 xavier_uniform = nn.initializers.xavier_uniform()
 
@@ -71,10 +78,18 @@ class AvgPool(nn.Module):
 
 
 class GlobalAvgPool(nn.Module):
-    """`nn.AdaptiveAvgPool2d(1)` followed by `nn.Flatten()`: (N, H, W, C) -> (N, C)."""
+    """`nn.AdaptiveAvgPool2d(1)` followed by `nn.Flatten()`: (N, H, W, C) -> (N, C).
+
+    The mean is taken in (at least) float32 whatever the input's dtype; the result
+    has `dtype`, or the input's dtype when `dtype` is None.
+    """
+
+    dtype: Dtype | None = None
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return jnp.mean(x, axis=(1, 2))
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+        return jnp.asarray(jnp.mean(x, axis=(1, 2)), out_dtype)
 
 
 def flatten(x: jnp.ndarray) -> jnp.ndarray:

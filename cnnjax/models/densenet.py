@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import AvgPool, GlobalAvgPool, conv, dense
+from cnnjax.models.common import AvgPool, Dtype, GlobalAvgPool, conv, dense
 from cnnjax.models.resnet import Stem, batch_norm
 
 
@@ -15,11 +15,12 @@ class conv_block(nn.Module):  # noqa: N801 -- named like the book's function.
     """DenseNet's conv block (§7.7.2): batch norm, ReLU, then a 3x3 conv (padding 1)."""
 
     num_channels: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = nn.relu(batch_norm(train)(x))
-        return conv(self.num_channels, 3, padding=1)(x)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
+        return conv(self.num_channels, 3, padding=1, dtype=self.dtype)(x)
 
 
 class DenseBlock(nn.Module):
@@ -29,11 +30,12 @@ class DenseBlock(nn.Module):
 
     num_convs: int
     num_channels: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for _ in range(self.num_convs):
-            y = conv_block(self.num_channels)(x, train)
+            y = conv_block(self.num_channels, dtype=self.dtype)(x, train)
             x = jnp.concatenate([x, y], axis=-1)
         return x
 
@@ -43,34 +45,39 @@ class transition_block(nn.Module):  # noqa: N801 -- named like the book's functi
     and a 2x2 average pool with stride 2, halving height and width."""
 
     num_channels: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = nn.relu(batch_norm(train)(x))
-        x = conv(self.num_channels, 1)(x)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
+        x = conv(self.num_channels, 1, dtype=self.dtype)(x)
         return AvgPool(2, 2)(x)
 
 
 class DenseNet(nn.Module):
     """DenseNet (§7.7.4): ResNet's stem, dense blocks with transition layers that
     halve the channels between them, then batch norm, ReLU, global average pooling
-    and a dense output layer. The book uses 4 blocks of 4 convs, growth rate 32."""
+    and a dense output layer. The book uses 4 blocks of 4 convs, growth rate 32.
+    `dtype` is the computation dtype; params stay float32, logits are float32."""
 
     num_convs_in_dense_blocks: Sequence[int] = (4, 4, 4, 4)
     growth_rate: int = 32
     num_channels: int = 64
     num_classes: int = 10
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = Stem(self.num_channels, name="b1")(x, train)
+        x = jnp.asarray(x, self.dtype)
+        x = Stem(self.num_channels, dtype=self.dtype, name="b1")(x, train)
         num_channels = self.num_channels
         for i, num_convs in enumerate(self.num_convs_in_dense_blocks):
-            x = DenseBlock(num_convs, self.growth_rate)(x, train)
+            x = DenseBlock(num_convs, self.growth_rate, dtype=self.dtype)(x, train)
             num_channels += num_convs * self.growth_rate
             if i != len(self.num_convs_in_dense_blocks) - 1:
                 num_channels //= 2
-                x = transition_block(num_channels)(x, train)
-        x = nn.relu(batch_norm(train)(x))
+                x = transition_block(num_channels, dtype=self.dtype)(x, train)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
         x = GlobalAvgPool()(x)
-        return dense(self.num_classes)(x)
+        x = dense(self.num_classes, dtype=self.dtype)(x)
+        return jnp.asarray(x, jnp.float32)

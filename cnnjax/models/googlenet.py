@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import GlobalAvgPool, MaxPool, conv, dense
+from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, conv, dense
 
 
 class Inception(nn.Module):
@@ -21,16 +21,18 @@ class Inception(nn.Module):
     c2: tuple[int, int]
     c3: tuple[int, int]
     c4: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        p1 = nn.relu(conv(self.c1, 1)(x))
-        p2 = nn.relu(conv(self.c2[0], 1)(x))
-        p2 = nn.relu(conv(self.c2[1], 3, padding=1)(p2))
-        p3 = nn.relu(conv(self.c3[0], 1)(x))
-        p3 = nn.relu(conv(self.c3[1], 5, padding=2)(p3))
+        dtype = self.dtype
+        p1 = nn.relu(conv(self.c1, 1, dtype=dtype)(x))
+        p2 = nn.relu(conv(self.c2[0], 1, dtype=dtype)(x))
+        p2 = nn.relu(conv(self.c2[1], 3, padding=1, dtype=dtype)(p2))
+        p3 = nn.relu(conv(self.c3[0], 1, dtype=dtype)(x))
+        p3 = nn.relu(conv(self.c3[1], 5, padding=2, dtype=dtype)(p3))
         p4 = MaxPool(3, 1, padding=1)(x)
-        p4 = nn.relu(conv(self.c4, 1)(p4))
+        p4 = nn.relu(conv(self.c4, 1, dtype=dtype)(p4))
         return jnp.concatenate([p1, p2, p3, p4], axis=-1)
 
 
@@ -45,33 +47,40 @@ class GoogLeNet(nn.Module):
 
     No block has batch norm or dropout, so `train` changes nothing and the blocks
     are built in `setup` as `nn.Sequential`, exactly as the book writes them.
+    `dtype` is the computation dtype; params stay float32, logits are float32.
     """
 
     num_classes: int = 10
+    dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         def pool():
             return MaxPool(3, 2, padding=1)
 
-        self.b1 = nn.Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool()])
-        self.b2 = nn.Sequential([conv(64, 1), nn.relu,
-                                 conv(192, 3, padding=1), nn.relu, pool()])
-        self.b3 = nn.Sequential([Inception(64, (96, 128), (16, 32), 32),
-                                 Inception(128, (128, 192), (32, 96), 64),
+        def inception(*channels):
+            return Inception(*channels, dtype=self.dtype)
+
+        self.b1 = nn.Sequential([conv(64, 7, strides=2, padding=3, dtype=self.dtype),
+                                 nn.relu, pool()])
+        self.b2 = nn.Sequential([conv(64, 1, dtype=self.dtype), nn.relu,
+                                 conv(192, 3, padding=1, dtype=self.dtype), nn.relu, pool()])
+        self.b3 = nn.Sequential([inception(64, (96, 128), (16, 32), 32),
+                                 inception(128, (128, 192), (32, 96), 64),
                                  pool()])
-        self.b4 = nn.Sequential([Inception(192, (96, 208), (16, 48), 64),
-                                 Inception(160, (112, 224), (24, 64), 64),
-                                 Inception(128, (128, 256), (24, 64), 64),
-                                 Inception(112, (144, 288), (32, 64), 64),
-                                 Inception(256, (160, 320), (32, 128), 128),
+        self.b4 = nn.Sequential([inception(192, (96, 208), (16, 48), 64),
+                                 inception(160, (112, 224), (24, 64), 64),
+                                 inception(128, (128, 256), (24, 64), 64),
+                                 inception(112, (144, 288), (32, 64), 64),
+                                 inception(256, (160, 320), (32, 128), 128),
                                  pool()])
-        self.b5 = nn.Sequential([Inception(256, (160, 320), (32, 128), 128),
-                                 Inception(384, (192, 384), (48, 128), 128),
+        self.b5 = nn.Sequential([inception(256, (160, 320), (32, 128), 128),
+                                 inception(384, (192, 384), (48, 128), 128),
                                  GlobalAvgPool()])
-        self.head = dense(self.num_classes)
+        self.head = dense(self.num_classes, dtype=self.dtype)
 
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train  # No batch norm or dropout: both modes compute the same.
+        x = jnp.asarray(x, self.dtype)
         for block in (self.b1, self.b2, self.b3, self.b4, self.b5):
             x = block(x)
-        return self.head(x)
+        return jnp.asarray(self.head(x), jnp.float32)

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import GlobalAvgPool, MaxPool, conv, dense
+from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, conv, dense
 
 
-def batch_norm(train: bool) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
     """`nn.BatchNorm2d` with PyTorch's defaults (momentum 0.9 for the moving
     statistics in Flax's convention, eps 1e-5): batch statistics when `train`,
-    moving statistics otherwise."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    moving statistics otherwise. The output has `dtype`; Flax computes and keeps
+    the statistics in float32 whatever `dtype` is."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype)
 
 
 class Residual(nn.Module):
@@ -29,15 +31,16 @@ class Residual(nn.Module):
     num_channels: int
     use_1x1conv: bool = False
     strides: int = 1
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        y = conv(self.num_channels, 3, strides=self.strides, padding=1)(x)
-        y = nn.relu(batch_norm(train)(y))
-        y = conv(self.num_channels, 3, padding=1)(y)
-        y = batch_norm(train)(y)
+        y = conv(self.num_channels, 3, strides=self.strides, padding=1, dtype=self.dtype)(x)
+        y = nn.relu(batch_norm(train, self.dtype)(y))
+        y = conv(self.num_channels, 3, padding=1, dtype=self.dtype)(y)
+        y = batch_norm(train, self.dtype)(y)
         if self.use_1x1conv:
-            x = conv(self.num_channels, 1, strides=self.strides)(x)
+            x = conv(self.num_channels, 1, strides=self.strides, dtype=self.dtype)(x)
         return nn.relu(y + x)
 
 
@@ -52,14 +55,16 @@ class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
     num_channels: int
     num_residuals: int
     first_block: bool = False
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for i in range(self.num_residuals):
             if i == 0 and not self.first_block:
-                x = Residual(self.num_channels, use_1x1conv=True, strides=2)(x, train)
+                x = Residual(self.num_channels, use_1x1conv=True, strides=2,
+                             dtype=self.dtype)(x, train)
             else:
-                x = Residual(self.num_channels)(x, train)
+                x = Residual(self.num_channels, dtype=self.dtype)(x, train)
         return x
 
 
@@ -69,28 +74,33 @@ class Stem(nn.Module):
     and a 3x3 max pool (stride 2, padding 1): 224x224 becomes 56x56."""
 
     num_channels: int = 64
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = conv(self.num_channels, 7, strides=2, padding=3)(x)
-        x = nn.relu(batch_norm(train)(x))
+        x = conv(self.num_channels, 7, strides=2, padding=3, dtype=self.dtype)(x)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
         return MaxPool(3, 2, padding=1)(x)
 
 
 class ResNet(nn.Module):
     """ResNet (§7.6.3): the stem b1, four stages b2..b5 of 64, 128, 256 and 512
     channels with `stage_sizes` residual blocks each, global average pooling and a
-    dense output layer. (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34."""
+    dense output layer. (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34.
+    `dtype` is the computation dtype; params stay float32, logits are float32."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_classes: int = 10
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = Stem(64, name="b1")(x, train)
+        x = jnp.asarray(x, self.dtype)
+        x = Stem(64, dtype=self.dtype, name="b1")(x, train)
         for i, num_residuals in enumerate(self.stage_sizes):
             stage = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0),
-                                 name=f"b{i + 2}")
+                                 dtype=self.dtype, name=f"b{i + 2}")
             x = stage(x, train)
         x = GlobalAvgPool()(x)
-        return dense(self.num_classes)(x)
+        x = dense(self.num_classes, dtype=self.dtype)(x)
+        return jnp.asarray(x, jnp.float32)

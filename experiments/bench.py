@@ -1,0 +1,266 @@
+"""Measure training throughput: our jitted step, and PyTorch's beside it (--torch).
+
+    python -m experiments.bench                           # every network, its recipe
+    python -m experiments.bench --arch lenet_bn resnet18 --torch
+    python -m experiments.bench --arch resnet18 --batch-size 256 --dtype bfloat16 --torch
+
+For each network, at its recipe's input size and batch size unless overridden:
+steady-state training images/sec (compilation excluded; the median of --windows
+timed windows of --steps steps each; the on-device data pipeline of gathering,
+scaling and resizing the batch included), the compile time, the FLOPs of one step
+from XLA's cost analysis and, on a GPU or TPU whose peak is known, the achieved
+fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
+and input size (experiments/torch_models.py) is timed in the same run: the notes'
+eager loop that resizes on the CPU, and on a GPU also a tuned one (channels-last,
+bf16 autocast, torch.compile).
+
+Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
+torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
+also appends the lines to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from experiments.cli import ArgumentParser, UsageError, fail, positive_int
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets. MFU is reported
+# against this peak whatever --dtype is (float32 on a GPU runs as TF32 at best).
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12,
+    "V100": 125e12, "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 137.5e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def build_parser() -> ArgumentParser:
+    from cnnjax import models
+
+    parser = ArgumentParser(prog="python -m experiments.bench",
+                            description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", metavar="NAME",
+                        help=f"networks to time (default: all): {', '.join(models.list_models())}")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N",
+                        help="global batch size (default: each network's recipe)")
+    parser.add_argument("--resize", type=positive_int, metavar="R",
+                        help="input size (default: each network's recipe)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="computation dtype of our step (default float32; PyTorch's "
+                             "notes flavour is always float32, its tuned one bf16)")
+    parser.add_argument("--devices", type=positive_int, metavar="N",
+                        help="split each batch over the first N devices (default: all)")
+    parser.add_argument("--windows", type=positive_int, default=5,
+                        help="timed windows per measurement; the median is reported (default 5)")
+    parser.add_argument("--steps", type=positive_int, default=10,
+                        help="training steps per timed window (default 10)")
+    parser.add_argument("--steps-per-dispatch", type=positive_int, default=1, metavar="K",
+                        help="run K training steps per call to the device, in a "
+                             "lax.fori_loop (default 1: one call per step, as fit does)")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch version in the same run (needs torch)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="TFDS data_dir with Fashion-MNIST (default: TFDS's); with no "
+                             "data, random images of the same shape are used, and said so")
+    parser.add_argument("--jsonl", metavar="FILE", help="also append the JSON lines to FILE")
+    return parser
+
+
+def load_data(data_dir: str | None):
+    """The real Fashion-MNIST if it is there, else random uint8 images (throughput
+    does not depend on the pixel values)."""
+    import numpy as np
+
+    from cnnjax import data
+
+    try:
+        return data.load_fashion_mnist(data_dir), "fashion_mnist"
+    except data.DataUnavailableError:
+        rng = np.random.default_rng(0)
+        images = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)  # noqa: E731
+        labels = lambda n: rng.integers(0, 10, n).astype(np.int32)  # noqa: E731
+        return data.FashionMNIST(images(60000), labels(60000), images(10000),
+                                 labels(10000)), "random"
+
+
+def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
+             steps_per_dispatch: int = 1) -> dict:
+    """Steady-state images/sec of `cnnjax.trainer`'s compiled train step, as `fit`
+    runs it (same arrays, same dispatch), timed between device syncs. With
+    `steps_per_dispatch` K > 1, K steps run inside one compiled call instead."""
+    import jax
+
+    from cnnjax.train import train_step
+    from cnnjax.trainer import Prepared, describe_device
+
+    run = Prepared.create(config, dataset, num_devices)
+    state, totals = run.state, run.totals
+    batches = run.epoch_batches(0)
+    cost = run.compiled_train.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns a list
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    step = run.train_step
+    if steps_per_dispatch > 1:
+        arrays = run._arrays
+
+        @jax.jit
+        def several_steps(state, totals, batches):
+            return jax.lax.fori_loop(0, steps_per_dispatch, lambda _, carry: train_step(
+                *carry, arrays["train_images"], arrays["train_labels"], batches,
+                arrays["dropout_key"], resize=config.resize), (state, totals))
+
+        step = several_steps
+    calls = max(1, steps // steps_per_dispatch)
+
+    for _ in range(2):  # warm-up: compiles `several_steps`; first executions allocate
+        state, totals = step(state, totals, batches)
+    jax.block_until_ready(totals)
+    rates = []
+    for _ in range(windows):
+        started = time.perf_counter()
+        for _ in range(calls):
+            state, totals = step(state, totals, batches)
+        jax.block_until_ready(totals)
+        rates.append(calls * steps_per_dispatch * config.batch_size
+                     / (time.perf_counter() - started))
+    img_per_s = statistics.median(rates)
+    device = jax.devices()[0]
+    result = {"jax_img_per_s": round(img_per_s, 1),
+              "jax_window_img_per_s": [round(r, 1) for r in rates],
+              "compile_s": run.compile_seconds, "flops_per_step": flops,
+              "device": describe_device(), "device_count": run.parallel.num_devices,
+              "jax_version": jax.__version__}
+    peak = peak_flops(device.device_kind)
+    if peak and flops:
+        steps_per_s = img_per_s / config.batch_size
+        result["mfu"] = round(flops * steps_per_s / (peak * run.parallel.num_devices), 4)
+    return result
+
+
+def time_torch(config, dataset, windows: int, steps: int) -> dict:
+    import torch
+
+    from experiments import torch_models
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
+                  device=device, windows=windows, steps_per_window=steps,
+                  images=dataset.train_images, labels=dataset.train_labels)
+    notes = torch_models.time_training(config.arch, flavour="notes", **common)
+    result = {"torch_img_per_s": round(notes["img_per_s"], 1), "torch_device": device,
+              "torch_threads": notes["threads"], "torch_version": notes["torch_version"]}
+    if device == "cuda":
+        tuned = torch_models.time_training(config.arch, flavour="tuned", **common)
+        result["torch_tuned_img_per_s"] = round(tuned["img_per_s"], 1)
+        result["torch_tuned_compiled"] = tuned["compiled"]
+    return result
+
+
+def markdown_table(rows: list[dict]) -> str:
+    has_torch = any("torch_img_per_s" in r for r in rows)
+    has_tuned = any("torch_tuned_img_per_s" in r for r in rows)
+    has_mfu = any("mfu" in r for r in rows)
+    head = ["arch", "batch", "input", "dtype", "devices", "JAX img/s", "compile s", "GFLOP/step"]
+    head += ["MFU"] if has_mfu else []
+    head += ["PyTorch img/s", "JAX / PyTorch"] if has_torch else []
+    head += ["tuned PyTorch img/s", "JAX / tuned"] if has_tuned else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["arch"], str(r["batch_size"]), f"{r['resize']}x{r['resize']}", r["dtype"],
+                 str(r["device_count"]), f"{r['jax_img_per_s']:,.0f}", f"{r['compile_s']:.1f}",
+                 f"{r['flops_per_step'] / 1e9:,.1f}"]
+        cells += [f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"] if has_mfu else []
+        if has_torch:
+            cells += [f"{r['torch_img_per_s']:,.0f}", f"{r['ratio']:.2f}x"]
+        if has_tuned:
+            cells += ([f"{r['torch_tuned_img_per_s']:,.0f}", f"{r['ratio_tuned']:.2f}x"]
+                      if "torch_tuned_img_per_s" in r else ["-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    from cnnjax import models
+    from cnnjax.parallel import setup_devices
+
+    try:
+        archs = args.arch or models.list_models()
+        unknown = [a for a in archs if a not in models.list_models()]
+        if unknown:
+            raise UsageError(f"unknown --arch {', '.join(unknown)}; valid names: "
+                             + ", ".join(models.list_models()))
+        if args.torch:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise UsageError("--torch needs PyTorch: pip install torch") from None
+        setup_devices()
+        import jax
+
+        from cnnjax.train import TrainConfig
+
+        num_devices = args.devices or jax.device_count()
+        if num_devices > jax.device_count():
+            raise UsageError(f"--devices {num_devices}: there are only {jax.device_count()} "
+                             "devices here")
+        configs = []
+        for arch in archs:
+            config = TrainConfig.from_recipe(arch, batch_size=args.batch_size,
+                                             resize=args.resize, dtype=args.dtype, epochs=1)
+            if config.batch_size % num_devices:
+                raise UsageError(f"--batch-size {config.batch_size} ({arch}) is not divisible "
+                                 f"by the {num_devices} devices")
+            if not models.accepts_input(arch, config.resize):
+                raise UsageError(f"--resize {config.resize} is too small for {arch} (it needs "
+                                 f"at least {models.min_input_size(arch)})")
+            configs.append(config)
+    except UsageError as err:
+        return fail(prog, str(err))
+
+    dataset, source = load_data(args.data_dir)
+    if source == "random":
+        print("no Fashion-MNIST found: timing on random images of the same shape",
+              file=sys.stderr)
+    rows = []
+    for config in configs:
+        row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
+               "dtype": config.dtype, "data": source,
+               "date": time.strftime("%Y-%m-%d")}
+        row.update(time_jax(config, dataset, args.devices, args.windows, args.steps,
+                            args.steps_per_dispatch))
+        if args.steps_per_dispatch > 1:
+            row["steps_per_dispatch"] = args.steps_per_dispatch
+        if args.torch:
+            row.update(time_torch(config, dataset, args.windows, args.steps))
+            row["ratio"] = round(row["jax_img_per_s"] / row["torch_img_per_s"], 3)
+            if "torch_tuned_img_per_s" in row:
+                row["ratio_tuned"] = round(row["jax_img_per_s"] / row["torch_tuned_img_per_s"], 3)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(line + "\n")
+        rows.append(row)
+    print()
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Data parallelism: N devices compute the same training as one.
+
+JAX fakes 8 CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=8,
+which must be set before JAX starts, so these tests run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cnnjax import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+EIGHT_CPU_DEVICES = "--xla_force_host_platform_device_count=8"
+
+
+def run_python(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": EIGHT_CPU_DEVICES}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_eight_devices_train_like_one(fashion_mnist_dir, tmp_path):
+    # 300 SGD steps of LeNet with batch norm on the real data, global batch 64:
+    # once on 1 device, once split 8 ways (8 images per device). Batch norm's
+    # statistics are over the global batch either way.
+    proc = run_python(f"""
+        import jax
+        from experiments.run import main
+        assert jax.device_count() == 8
+        for n in (1, 8):
+            code = main(["--arch", "lenet_bn", "--batch-size", "64", "--max-train", "19200",
+                         "--max-test", "512", "--epochs", "1", "--devices", str(n),
+                         "--data-dir", {fashion_mnist_dir!r}, "--no-progress",
+                         "--out", {str(tmp_path)!r} + f"/devices{{n}}"])
+            assert code == 0, code
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, eight = (json.loads((tmp_path / f"devices{n}" / "metrics.json").read_text())
+                  for n in (1, 8))
+    assert (one["device_count"], eight["device_count"]) == (1, 8)
+    assert eight["train_examples_per_epoch"] == 300 * 64
+    (a,), (b,) = one["epochs"], eight["epochs"]
+    assert a["train_loss"] < 1.0  # it learned (chance is 2.3)
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+    assert abs(a["test_acc"] - b["test_acc"]) <= 2 / 512  # at most 2 images flip
+
+
+def test_state_is_replicated_and_batches_split(tmp_path):
+    proc = run_python("""
+        import jax, numpy as np
+        from cnnjax import data
+        from cnnjax.train import TrainConfig
+        from cnnjax.parallel import setup_devices
+        from cnnjax.trainer import Prepared
+
+        setup_devices()
+        rng = np.random.default_rng(0)
+        images = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+        labels = lambda n: rng.integers(0, 10, n).astype(np.int32)
+        ds = data.FashionMNIST(images(256), labels(256), images(64), labels(64))
+        run = Prepared.create(TrainConfig("lenet_bn", 1, 0.5, 64, 28), ds)
+        assert run.parallel.num_devices == 8
+        batches = run.epoch_batches(0)
+        assert batches.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+        assert batches.addressable_shards[0].data.shape == (4, 8)  # 8 images per device
+        state, totals = run.train_step(run.state, run.totals, batches)
+        for leaf in jax.tree_util.tree_leaves((state, totals)):
+            assert leaf.sharding.is_fully_replicated, leaf.sharding
+        # The compiled step talks between devices only by all-reduce: no device
+        # ever gathers the whole batch.
+        text = run.compiled_train.as_text()
+        assert "all-reduce" in text and "all-gather" not in text
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": EIGHT_CPU_DEVICES}
+    for args, message in [
+        (["--batch-size", "100"], "--batch-size 100 is not divisible by the 8 devices it is "
+                                  "split over; use a multiple of 8 (e.g. 104) or choose --devices"),
+        (["--devices", "16"], "--devices 16: there are only 8 cpu devices here"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "experiments.run", "--arch", "lenet", *args,
+                               "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),  # an interactive one-task job
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # one TPU host (Colab)
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, True),  # a pod slice
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_cluster_detection(monkeypatch, env, expected):
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                 "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.in_cluster() is expected
