@@ -42,7 +42,9 @@ def setup_devices() -> None:
     """Prepare JAX's devices for data-parallel training; call before any other JAX call.
 
     - In a cluster (`in_cluster()`), join it with `jax.distributed.initialize()`,
-      which finds the coordinator, process count and id in the environment.
+      which finds the coordinator, process count and id in the environment (SLURM,
+      Open MPI, Cloud TPU), or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+      JAX_PROCESS_ID set by hand.
     - With several *fake* CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
       how one tries data parallelism on a laptop), turn off asynchronous dispatch on
       the CPU: when consecutive steps overlap, XLA's in-process all-reduce can wait
@@ -50,7 +52,13 @@ def setup_devices() -> None:
       run deadlocks (seen on 2 cores with 8 devices after a few hundred steps).
     """
     if in_cluster():
-        jax.distributed.initialize()
+        # JAX reads JAX_COORDINATOR_ADDRESS itself; for a cluster it cannot detect,
+        # the process count and id come from these two variables.
+        env = os.environ
+        counts = {key: int(env[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                         ("process_id", "JAX_PROCESS_ID"))
+                  if name in env}
+        jax.distributed.initialize(**counts)
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 

@@ -1,11 +1,12 @@
-"""Time one convolution layer's forward and backward pass: XLA's convolution against
-`cnnjax.models.common.im2col_conv` (and PyTorch's, when installed).
+"""Time one convolution layer's forward and backward pass: XLA's convolution, the
+same layer as one matrix product (`im2col_conv`), and PyTorch's (when installed).
 
     python -m experiments.bench_conv
 
 The layers are the zoo's typical shapes (LeNet's two convs, ResNet's 3x3 convs).
-This is how docs/benchmarks.md found that XLA's CPU convolution, not the rest of the
-step, is where the CPU time goes.
+docs/benchmarks.md reports what this found: XLA's CPU convolutions are where the
+CPU time goes, and im2col is faster layer by layer but not in the whole train step
+(commit b2564db had it in the models, with `experiments/ab_im2col.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.models.common import im2col_conv
+def im2col_conv(lhs, rhs, window_strides, padding):
+    """A stride-`window_strides`, explicitly padded NHWC x HWIO convolution as the book
+    first explains it (§6.2): every output pixel is the dot product of a kh x kw window
+    with the kernel. The windows are cut out as shifted slices and laid side by side
+    ("im2col"), so the layer and its gradients become matrix products."""
+    kh, kw, cin, cout = rhs.shape
+    n, h, w = lhs.shape[:3]
+    (top, bottom), (left, right) = padding
+    sh, sw = window_strides
+    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    windows = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+               for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(windows, axis=-1)  # (n, oh, ow, kh*kw*cin), HWI order
+    out = jax.lax.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout))
+    return out.reshape(n, oh, ow, cout)
+
 
 # (batch, in channels, out channels, kernel, input size, whether the input needs a gradient)
 LAYERS = [(256, 1, 6, 5, 28, False), (256, 6, 16, 5, 12, True), (64, 64, 64, 3, 26, True),

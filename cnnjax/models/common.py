@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -40,52 +39,10 @@ def conv(features: int, kernel_size: int, strides: int = 1, padding: int = 0,
     """The book's `nn.Conv2d(in, features, kernel_size, stride, padding)`.
 
     A square kernel, the same stride along both axes and `padding` rows/columns
-    of zeros on every side. Biases start at zero (Flax's default). On the CPU the
-    convolution is computed as one matrix product (`im2col_conv`), which XLA's CPU
-    backend runs faster than its own convolution.
+    of zeros on every side. Biases start at zero (Flax's default).
     """
     return nn.Conv(features, _pair(kernel_size), strides=_pair(strides),
-                   padding=_pads(padding), kernel_init=xavier_uniform,
-                   conv_general_dilated=im2col_conv, **kwargs)
-
-
-# Patch matrices above this size use XLA's convolution even on the CPU: im2col
-# copies each input pixel kh*kw times, and the copies are kept for the backward pass.
-IM2COL_MAX_BYTES = 256 * 2**20
-
-
-def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, precision=None,
-                preferred_element_type=None):
-    """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, computed on the
-    CPU as the book first explains a convolution (§6.2): every output pixel is the
-    dot product of a kh x kw window of the input with the kernel. The windows are
-    cut out as shifted slices and laid side by side ("im2col"), so the whole layer,
-    and its gradients, become matrix products: 1.4-1.8x faster than XLA's CPU
-    convolution on the zoo's layers (docs/benchmarks.md). Elsewhere (GPU, TPU), and
-    for dilation, groups or very large patch matrices, it is `lax.conv_general_dilated`.
-    """
-    kh, kw, cin, cout = rhs.shape
-    n, h, w = lhs.shape[:3]
-    (top, bottom), (left, right) = padding
-    sh, sw = window_strides
-    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
-    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    simple = (feature_group_count == 1 and set(lhs_dilation or (1,)) == {1}
-              and set(rhs_dilation or (1,)) == {1} and dimension_numbers in (None, nhwc))
-    patch_bytes = n * oh * ow * kh * kw * cin * jnp.dtype(lhs.dtype).itemsize
-    if jax.default_backend() != "cpu" or not simple or patch_bytes > IM2COL_MAX_BYTES:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, precision=precision,
-            preferred_element_type=preferred_element_type)
-    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    windows = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-               for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(windows, axis=-1)  # (n, oh, ow, kh*kw*cin), HWI order
-    out = jax.lax.dot(patches.reshape(-1, kh * kw * cin), rhs.reshape(kh * kw * cin, cout),
-                      precision=precision, preferred_element_type=preferred_element_type)
-    return out.reshape(n, oh, ow, cout)
+                   padding=_pads(padding), kernel_init=xavier_uniform, **kwargs)
 
 
 def dense(features: int, **kwargs: Any) -> nn.Dense:
