@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -45,13 +46,15 @@ def setup_devices() -> None:
       which finds the coordinator, process count and id in the environment (SLURM,
       Open MPI, Cloud TPU), or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
       JAX_PROCESS_ID set by hand.
-    - With several *fake* CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
-      how one tries data parallelism on a laptop), turn off asynchronous dispatch on
-      the CPU: when consecutive steps overlap, XLA's in-process all-reduce can wait
-      for devices whose work is queued behind it on a small thread pool, and the
-      run deadlocks (seen on 2 cores with 8 devices after a few hundred steps).
+    - With several *simulated* CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
+      how one tries data parallelism on a laptop), size XLA's CPU thread pool for
+      them (the NPROC variable, which XLA's CPU client reads when it starts). By
+      default the pool has one thread per core; XLA runs each device's all-reduce on
+      a pool thread and blocks it until all N devices arrive, so with fewer threads
+      than devices the run can deadlock (seen with 8 devices on 2 cores within a few
+      hundred steps). Blocked threads cost no CPU, so the pool gets 2N + cores.
     """
-    if in_cluster():
+    if in_cluster() and not jax.distributed.is_initialized():
         # JAX reads JAX_COORDINATOR_ADDRESS itself; for a cluster it cannot detect,
         # the process count and id come from these two variables.
         env = os.environ
@@ -59,8 +62,14 @@ def setup_devices() -> None:
                                                          ("process_id", "JAX_PROCESS_ID"))
                   if name in env}
         jax.distributed.initialize(**counts)
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    simulated = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                          os.environ.get("XLA_FLAGS", ""))
+    if simulated and "NPROC" not in os.environ:
+        from jax._src import xla_bridge  # NPROC is read when the CPU client starts
+
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError("setup_devices() must run before anything uses JAX's devices")
+        os.environ["NPROC"] = str(2 * int(simulated.group(1)) + (os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
