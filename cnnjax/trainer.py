@@ -95,7 +95,7 @@ class Prepared:
     compile_seconds: float
     compiled_train: Any  # jax.stages.Compiled
     compiled_eval: Any
-    _arrays: dict[str, jax.Array]
+    arrays: dict[str, jax.Array]  # what the compiled steps read besides state and batches
     _shuffle_key: jax.Array
 
     @classmethod
@@ -147,13 +147,13 @@ class Prepared:
     def train_step(self, state: TrainState, totals: Totals, batches: jax.Array
                    ) -> tuple[TrainState, Totals]:
         """One compiled `train.train_step` (it consumes `state` and `totals`)."""
-        a = self._arrays
+        a = self.arrays
         return self.compiled_train(state, totals, a["train_images"], a["train_labels"],
                                    batches, a["dropout_key"])
 
     def evaluate(self, state: TrainState) -> jax.Array:
         """Correct predictions on the whole test set (a device scalar)."""
-        a = self._arrays
+        a = self.arrays
         return self.compiled_eval(state, a["test_images"], a["test_labels"],
                                   a["test_batches"], a["test_masks"])
 
@@ -202,8 +202,6 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
         f"{config.resize}x{config.resize}, {config.dtype}; {steps_per_epoch} steps/epoch "
         f"({metrics['dropped_per_epoch']} examples of the last partial batch dropped, "
         f"different ones each epoch); compiled in {run.compile_seconds:.1f}s")
-    train, evaluate_on_test = run.train_step, run.evaluate
-
     def save(epoch: int, batch: int) -> None:
         checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
                                          "history": metrics["epochs"]})
@@ -222,7 +220,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                     save(epoch, batch)
                     checkpoints.wait()
                     raise Interrupted(f"stopped at epoch {epoch + 1}, batch {batch}")
-                state, totals = train(state, totals, batches)
+                state, totals = run.train_step(state, totals, batches)
                 bar.update()
                 if (batch + 1) % refresh_every == 0:
                     bar.set_postfix(_postfix(totals, time.perf_counter() - epoch_start,
@@ -236,7 +234,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                                f"in epoch {epoch + 1} at step {step + 1} "
                                f"(batch {step - epoch * steps_per_epoch + 1} of the epoch)")
 
-            test_acc = int(evaluate_on_test(state)) / run.num_test
+            test_acc = int(run.evaluate(state)) / run.num_test
             count = int(host_totals["count"])
             metrics["epochs"].append({
                 "epoch": epoch + 1,

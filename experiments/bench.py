@@ -27,7 +27,8 @@ import statistics
 import sys
 import time
 
-from experiments.cli import ArgumentParser, UsageError, fail, positive_int
+from experiments.cli import (ArgumentParser, UsageError, check_devices, check_resize, fail,
+                             positive_int)
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets. MFU is reported
 # against this peak whatever --dtype is (float32 on a GPU runs as TF32 at best).
@@ -114,7 +115,7 @@ def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     step = run.train_step
     if steps_per_dispatch > 1:
-        arrays = run._arrays
+        arrays = run.arrays
 
         @jax.jit
         def several_steps(state, totals, batches):
@@ -211,24 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise UsageError("--torch needs PyTorch: pip install torch") from None
         setup_devices()
-        import jax
-
         from cnnjax.train import TrainConfig
 
-        num_devices = args.devices or jax.device_count()
-        if num_devices > jax.device_count():
-            raise UsageError(f"--devices {num_devices}: there are only {jax.device_count()} "
-                             "devices here")
         configs = []
         for arch in archs:
             config = TrainConfig.from_recipe(arch, batch_size=args.batch_size,
                                              resize=args.resize, dtype=args.dtype, epochs=1)
-            if config.batch_size % num_devices:
-                raise UsageError(f"--batch-size {config.batch_size} ({arch}) is not divisible "
-                                 f"by the {num_devices} devices")
-            if not models.accepts_input(arch, config.resize):
-                raise UsageError(f"--resize {config.resize} is too small for {arch} (it needs "
-                                 f"at least {models.min_input_size(arch)})")
+            check_devices(config.batch_size, args.devices)
+            check_resize(arch, config.resize)
             configs.append(config)
     except UsageError as err:
         return fail(prog, str(err))

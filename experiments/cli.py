@@ -58,3 +58,30 @@ def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:
     """Print `prog: error: message` on stderr and return the exit code."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def check_resize(arch: str, resize: int) -> None:
+    """The network must leave every layer a non-empty output at `resize` x `resize`."""
+    from cnnjax import models
+
+    if not models.accepts_input(arch, resize):
+        smallest = models.min_input_size(arch)
+        raise UsageError(f"--resize {resize} is too small for {arch}: its layers need at "
+                         f"least {smallest}x{smallest} inputs (the book uses "
+                         f"{models.recipe(arch)['resize']})")
+
+
+def check_devices(batch_size: int, devices: int | None) -> None:
+    """`--devices` must exist, and the global batch must split evenly over them."""
+    import jax
+
+    available = jax.device_count()
+    if devices is not None and devices > available:
+        raise UsageError(f"--devices {devices}: there are only {available} "
+                         f"{jax.default_backend()} devices here")
+    num_devices = devices or available
+    if batch_size % num_devices:
+        multiple = -(-batch_size // num_devices) * num_devices
+        raise UsageError(f"--batch-size {batch_size} is not divisible by the {num_devices} "
+                         f"devices it is split over; use a multiple of {num_devices} "
+                         f"(e.g. {multiple}) or choose --devices")

@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import (ArgumentParser, UsageError, fail, non_negative_float,
-                             positive_float, positive_int)
+from experiments.cli import (ArgumentParser, UsageError, check_devices, check_resize, fail,
+                             non_negative_float, positive_float, positive_int)
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -138,32 +138,9 @@ def check_arch(arch: str | None) -> None:
                          + ", ".join(models.list_models()))
 
 
-def check_resize(arch: str, resize: int) -> None:
-    from cnnjax import models
-
-    if not models.accepts_input(arch, resize):
-        smallest = models.min_input_size(arch)
-        raise UsageError(f"--resize {resize} is too small for {arch}: its layers need at "
-                         f"least {smallest}x{smallest} inputs (the book uses "
-                         f"{models.recipe(arch)['resize']})")
-
-
 def validate(config, args) -> None:
     """The checks that need no data, before anything is written."""
-    import jax
-
-    from cnnjax import models
-
-    available_devices = jax.device_count()
-    if args.devices is not None and args.devices > available_devices:
-        raise UsageError(f"--devices {args.devices}: there are only {available_devices} "
-                         f"{jax.default_backend()} devices here")
-    num_devices = args.devices or available_devices
-    if config.batch_size % num_devices:
-        multiple = -(-config.batch_size // num_devices) * num_devices
-        raise UsageError(f"--batch-size {config.batch_size} is not divisible by the "
-                         f"{num_devices} devices it is split over; use a multiple of "
-                         f"{num_devices} (e.g. {multiple}) or choose --devices")
+    check_devices(config.batch_size, args.devices)
 
     available = min(config.max_train or FULL_TRAIN_SIZE, FULL_TRAIN_SIZE)
     if config.batch_size > available:
