@@ -146,7 +146,9 @@ def _import_tensorflow_datasets():
 def _prepare(builder, tfds, debian_dir: Path) -> None:
     """Run TFDS's ``download_and_prepare`` from Debian's files or from the internet."""
     import requests  # A TFDS dependency; its errors are how a failed download shows.
-    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+    from tensorflow_datasets.core.download.download_manager import (
+        NonMatchingChecksumError,
+    )
 
     if all((debian_dir / name).is_file() for name in _ORIGINAL_MTIMES):
         with tempfile.TemporaryDirectory(prefix="fashion_mnist_") as tmp:
@@ -228,3 +230,21 @@ def preprocess(images_uint8: jax.Array, resize: int | None) -> jax.Array:
     if resize is not None and (height, width) != (resize, resize):
         x = jax.image.resize(x, (n, resize, resize, channels), method="bilinear")
     return x
+
+
+def random_crop_flip(images: jax.Array, key: jax.Array, padding: int = 2) -> jax.Array:
+    """Random-crop and random-flip augmentation of a batch (N, H, W, C), on the device.
+
+    Each image is padded with `padding` zero pixels on every side and cropped back
+    to H x W at a random offset (torchvision's ``RandomCrop(H, padding)``), then
+    mirrored left-right with probability 1/2 (``RandomHorizontalFlip()``). Used by
+    the modern recipe, before `preprocess`; works on any dtype.
+    """
+    n, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * padding + 1)
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    crops = jax.vmap(lambda image, offset: jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), (height, width, channels)))(padded, offsets)
+    flip = jax.random.bernoulli(flip_key, 0.5, (n,))
+    return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)

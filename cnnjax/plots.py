@@ -27,3 +27,11 @@ def plot_curves(epochs: Sequence[dict], path: str | Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_figure(fig, path: str | Path, title: str) -> None:
+    """Title a finished multi-panel figure, save it to `path` (PNG) and free it."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

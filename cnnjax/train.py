@@ -16,8 +16,13 @@ Neither step knows about devices: given arrays sharded over a 'data' mesh
 (`cnnjax.parallel`), XLA splits the work and adds the collectives.
 
 Randomness is derived, not carried: epoch `e` shuffles with `fold_in(shuffle_key, e)`
-and step `s` drops out with `fold_in(dropout_key, s)`, so a resumed run replays
-exactly what an uninterrupted one would.
+and step `s` drops out (and, with augmentation, crops and flips) with keys from
+`fold_in(rng_key, s)`, so a resumed run replays exactly what an uninterrupted one would.
+
+Two recipes: the classic one (`recipe="classic"`: the notes' plain SGD at a
+constant lr) and a modern one beyond the notes (`recipe="modern"`: momentum, weight
+decay, a cosine schedule with linear warm-up, random crops and flips on the
+device); `cnnjax.models.recipe(name, recipe)` gives each network's settings.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import optax
 from flax.training import train_state
 
 from cnnjax import models
-from cnnjax.data import preprocess
+from cnnjax.data import preprocess, random_crop_flip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +56,18 @@ class TrainConfig:
     max_train: int | None = None
     max_test: int | None = None
     dtype: str = "float32"  # computation dtype of convs and matmuls ("bfloat16")
+    recipe: str = "classic"  # which recipe the defaults came from ("classic" or "modern")
+    schedule: str = "constant"  # lr schedule: "constant" or "cosine" (to 0, after warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to `lr` (cosine schedule only)
+    augment: bool = False  # random crop (2-pixel padding) and horizontal flip per image
 
     @classmethod
-    def from_recipe(cls, arch: str, **overrides: Any) -> TrainConfig:
-        """The book's recipe for `arch`, with the non-None `overrides` applied."""
-        settings = models.recipe(arch)
+    def from_recipe(cls, arch: str, recipe: str = "classic", **overrides: Any) -> TrainConfig:
+        """`recipe` ("classic": the notes'; or "modern") for `arch`, with the non-None
+        `overrides` applied."""
+        settings = models.recipe(arch, recipe)
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(arch=arch, **settings)
+        return cls(arch=arch, recipe=recipe, **settings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,11 +82,26 @@ class TrainState(train_state.TrainState):
 Totals = dict[str, jax.Array]  # running sums over an epoch, kept on the device
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def learning_rate(config: TrainConfig, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+    """The lr, or for `schedule="cosine"` the schedule over the whole run: linear
+    warm-up from 0 for `warmup_epochs`, then a cosine decay to 0 at the last step."""
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        total_steps = config.epochs * steps_per_epoch
+        # A run no longer than its warm-up still ends with one step of decay.
+        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup_steps=warmup_steps,
+                                                  decay_steps=total_steps)
+    raise ValueError(f"unknown schedule {config.schedule!r}; use 'constant' or 'cosine'")
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1
+                   ) -> optax.GradientTransformation:
     """`torch.optim.SGD(lr, momentum, weight_decay)`: plain SGD as in the book unless
     momentum or weight decay is asked for (decay is added to the gradient, as in
-    PyTorch, before the momentum)."""
-    sgd = optax.sgd(config.lr, momentum=config.momentum or None)
+    PyTorch, before the momentum). A schedule counts `steps_per_epoch` per epoch."""
+    sgd = optax.sgd(learning_rate(config, steps_per_epoch), momentum=config.momentum or None)
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
     return sgd
@@ -91,9 +116,11 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
-                       sharding: jax.sharding.Sharding | None = None) -> TrainState:
+                       sharding: jax.sharding.Sharding | None = None,
+                       steps_per_epoch: int = 1) -> TrainState:
     """Initialise `model` for `config.resize`-sized one-channel images, placing every
-    array of the state with `sharding` (e.g. replicated over a mesh)."""
+    array of the state with `sharding` (e.g. replicated over a mesh). An lr schedule
+    needs the run's `steps_per_epoch`."""
     params_key, dropout_key = jax.random.split(key)
     x = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
 
@@ -102,7 +129,7 @@ def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
         variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
         return TrainState.create(apply_fn=model.apply, params=variables["params"],
                                  batch_stats=variables.get("batch_stats", {}),
-                                 tx=make_optimizer(config))
+                                 tx=make_optimizer(config, steps_per_epoch))
 
     return init()
 
@@ -114,21 +141,27 @@ def zero_totals() -> Totals:
             "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("resize",), donate_argnames=("state", "totals"))
+@functools.partial(jax.jit, static_argnames=("resize", "augment"),
+                   donate_argnames=("state", "totals"))
 def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax.Array,
-               batches: jax.Array, dropout_key: jax.Array, resize: int
+               batches: jax.Array, rng_key: jax.Array, resize: int, augment: bool = False
                ) -> tuple[TrainState, Totals]:
-    """One SGD step on the batch `images[batches[state.step % len(batches)]]`; adds
-    its loss and accuracy to `totals`.
+    """One SGD step on the batch `images[batches[state.step % len(batches)]]`
+    (randomly cropped and flipped if `augment`); adds its loss and accuracy to
+    `totals`.
 
     `batches` is the epoch's (num_batches, batch_size) table of shuffled indices; the
     step finds its own row, so the loop passes the same arrays every step and does no
     work on the host between steps.
     """
     indices = batches[state.step % batches.shape[0]]
-    x = preprocess(images[indices], resize)
+    x = images[indices]
     y = labels[indices]
-    step_dropout_key = jax.random.fold_in(dropout_key, state.step)
+    step_dropout_key = jax.random.fold_in(rng_key, state.step)
+    if augment:
+        step_dropout_key, augment_key = jax.random.split(step_dropout_key)
+        x = random_crop_flip(x, augment_key)
+    x = preprocess(x, resize)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(

@@ -35,8 +35,16 @@ from cnnjax.checkpoint import CheckpointError, Checkpoints
 from cnnjax.data import FashionMNIST, eval_batch_indices, train_batch_indices
 from cnnjax.parallel import DataParallel
 from cnnjax.plots import plot_curves
-from cnnjax.train import (Totals, TrainConfig, TrainState, build_model,
-                          create_train_state, evaluate, train_step, zero_totals)
+from cnnjax.train import (
+    Totals,
+    TrainConfig,
+    TrainState,
+    build_model,
+    create_train_state,
+    evaluate,
+    train_step,
+    zero_totals,
+)
 
 
 class Interrupted(Exception):
@@ -118,10 +126,11 @@ class Prepared:
                                               data.test_images, data.test_labels))))
         arrays["test_batches"], arrays["test_masks"] = parallel.shard_batches(
             eval_batch_indices(num_test, config.batch_size))
-        shuffle_key, dropout_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
-        arrays["dropout_key"] = jax.random.wrap_key_data(
-            parallel.replicate(jax.random.key_data(dropout_key)))
-        state = create_train_state(config, build_model(config), init_key, parallel.replicated)
+        shuffle_key, rng_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
+        arrays["rng_key"] = jax.random.wrap_key_data(
+            parallel.replicate(jax.random.key_data(rng_key)))
+        state = create_train_state(config, build_model(config), init_key, parallel.replicated,
+                                   steps_per_epoch)
         totals = parallel.replicate(zero_totals())
 
         started = time.perf_counter()
@@ -129,7 +138,7 @@ class Prepared:
                                        sharding=parallel.batch_sharding(2, 1))
         compiled_train = train_step.lower(
             state, totals, arrays["train_images"], arrays["train_labels"], batches,
-            arrays["dropout_key"], resize=config.resize).compile()
+            arrays["rng_key"], resize=config.resize, augment=config.augment).compile()
         compiled_eval = evaluate.lower(
             state, arrays["test_images"], arrays["test_labels"], arrays["test_batches"],
             arrays["test_masks"], resize=config.resize).compile()
@@ -149,7 +158,7 @@ class Prepared:
         """One compiled `train.train_step` (it consumes `state` and `totals`)."""
         a = self.arrays
         return self.compiled_train(state, totals, a["train_images"], a["train_labels"],
-                                   batches, a["dropout_key"])
+                                   batches, a["rng_key"])
 
     def evaluate(self, state: TrainState) -> jax.Array:
         """Correct predictions on the whole test set (a device scalar)."""

@@ -21,14 +21,21 @@ also appends the lines to FILE.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 
-from experiments.cli import (ArgumentParser, UsageError, check_devices, check_resize, fail,
-                             positive_int)
+from experiments.cli import (
+    ArgumentParser,
+    UsageError,
+    check_devices,
+    check_resize,
+    fail,
+    parser_for,
+    positive_int,
+)
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets. MFU is reported
 # against this peak whatever --dtype is (float32 on a GPU runs as TF32 at best).
@@ -49,10 +56,7 @@ def peak_flops(device_kind: str) -> float | None:
 def build_parser() -> ArgumentParser:
     from cnnjax import models
 
-    parser = ArgumentParser(prog="python -m experiments.bench",
-                            description=__doc__.split("\n\n")[0],
-                            epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for("experiments.bench", __doc__)
     parser.add_argument("--arch", nargs="+", metavar="NAME",
                         help=f"networks to time (default: all): {', '.join(models.list_models())}")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
@@ -70,7 +74,7 @@ def build_parser() -> ArgumentParser:
                         help="training steps per timed window (default 10)")
     parser.add_argument("--steps-per-dispatch", type=positive_int, default=1, metavar="K",
                         help="run K training steps per call to the device, in a "
-                             "lax.fori_loop (default 1: one call per step, as fit does)")
+                             "lax.scan (default 1: one call per step, as fit does)")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch version in the same run (needs torch)")
     parser.add_argument("--data-dir", metavar="DIR",
@@ -115,18 +119,24 @@ def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     step = run.train_step
     if steps_per_dispatch > 1:
-        arrays = run.arrays
+        # The data are arguments, not closed over: a jitted function bakes closed-over
+        # arrays into the program as constants (session 2's 4x slowdown had that form).
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def scan_steps(state, totals, images, labels, batches, rng_key):
+            def one_step(carry, _):
+                return train_step(*carry, images, labels, batches, rng_key,
+                                  resize=config.resize, augment=config.augment), None
 
-        @jax.jit
-        def several_steps(state, totals, batches):
-            return jax.lax.fori_loop(0, steps_per_dispatch, lambda _, carry: train_step(
-                *carry, arrays["train_images"], arrays["train_labels"], batches,
-                arrays["dropout_key"], resize=config.resize), (state, totals))
+            return jax.lax.scan(one_step, (state, totals), length=steps_per_dispatch)[0]
 
-        step = several_steps
+        a = run.arrays
+
+        def step(state, totals, batches):
+            return scan_steps(state, totals, a["train_images"], a["train_labels"], batches,
+                              a["rng_key"])
     calls = max(1, steps // steps_per_dispatch)
 
-    for _ in range(2):  # warm-up: compiles `several_steps`; first executions allocate
+    for _ in range(2):  # warm-up: compiles `scan_steps`; first executions allocate
         state, totals = step(state, totals, batches)
     jax.block_until_ready(totals)
     rates = []

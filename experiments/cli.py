@@ -21,6 +21,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def parser_for(module: str, doc: str) -> ArgumentParser:
+    """The CLI parser of `python -m module`: its docstring's first paragraph as the
+    description and the rest (usage examples, what it writes) after the flags."""
+    description, rest = doc.split("\n\n", 1)
+    return ArgumentParser(prog=f"python -m {module}", description=description, epilog=rest,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number > 0."""
     try:

@@ -3,13 +3,20 @@
     python -m experiments.reproduce                     # every network, the notes' recipes
     python -m experiments.reproduce --quick             # a version that fits a 2-core CPU
     python -m experiments.reproduce --archs lenet lenet_bn lenet_bn_scratch
+    python -m experiments.reproduce --archs resnet18 --recipe classic modern
 
-Writes results/<device-kind>/REPORT.md: per network the settings, the notes' loss,
-train acc, test acc and examples/sec (cnnjax/d2l_reference.json, copied from the
-notes), ours, and the difference in test accuracy; one figure with every network's
-test-accuracy curve (test_acc.png); the device, date and command. Each run's own
-directory (metrics.json, curves.png, log) sits beside the report. Rows of a --quick
-run say so, in the header and in every row.
+Each run goes into its own directory under results/<device-kind>/ (metrics.json,
+curves.png, config.json, log.txt, run.json), named <arch>[-modern][-quick], and
+replaces an earlier run of that name. REPORT.md is then rebuilt from every run
+there, this invocation's and earlier ones': per run the recipe and settings, the
+notes' loss, train acc, test acc and examples/sec (cnnjax/d2l_reference.json,
+copied from the notes), ours, and the difference in test accuracy; one figure with
+every run's test-accuracy curve (test_acc.png); the device, dates and commands.
+Every row says whether it is the full recipe or a quick version. A run whose loss
+diverges gets no row; the command names it and exits with 3.
+
+--recipe modern (beyond the notes): momentum 0.9, weight decay 5e-4, a cosine
+schedule after one epoch of warm-up, random crops and flips (cnnjax.models.recipe).
 
 --quick trains the LeNet family with the full recipe and the larger networks for 2
 epochs on 2,048 training and 1,000 test images at a smaller input size. Those rows
@@ -18,16 +25,13 @@ show that the pipeline runs and learns, not the notes' accuracy.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from experiments.cli import ArgumentParser, UsageError, fail, positive_int
+from experiments.cli import ArgumentParser, UsageError, fail, parser_for, positive_int
+from experiments.run import EXIT_DIVERGED
 
 # The notes' table, in its order, then the two LeNets it leaves out.
 ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18", "densenet",
@@ -41,12 +45,13 @@ _REFERENCE_NAMES = {"vgg11": "vgg11 (ratio 4)"}
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m experiments.reproduce",
-                            description=__doc__.split("\n\n")[0],
-                            epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for("experiments.reproduce", __doc__)
     parser.add_argument("--archs", nargs="+", metavar="NAME", default=list(ARCHS),
                         help=f"networks to train (default: all of {', '.join(ARCHS)})")
+    parser.add_argument("--recipe", nargs="+", choices=("classic", "modern"), default=["classic"],
+                        help="classic: the notes' recipe (default); modern: momentum, weight "
+                             "decay, cosine schedule with warm-up, crops and flips; both: "
+                             "--recipe classic modern")
     parser.add_argument("--quick", action="store_true",
                         help="full recipe for the LeNets; 2 epochs on 2,048 images at a "
                              "smaller input size for the others")
@@ -77,83 +82,120 @@ def configs_for(args) -> list:
     from cnnjax.train import TrainConfig
 
     configs = []
-    for arch in args.archs:
-        overrides = {}
-        if args.quick and arch not in LENET_FAMILY:
-            overrides = {**QUICK_SUBSET, "resize": QUICK_RESIZE[arch]}
-        for key in ("epochs", "max_train", "max_test"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
-        configs.append(TrainConfig.from_recipe(arch, **overrides))
+    for recipe in args.recipe:
+        for arch in args.archs:
+            overrides = {}
+            if args.quick and arch not in LENET_FAMILY:
+                overrides = {**QUICK_SUBSET, "resize": QUICK_RESIZE[arch]}
+            for key in ("epochs", "max_train", "max_test"):
+                if getattr(args, key) is not None:
+                    overrides[key] = getattr(args, key)
+            configs.append(TrainConfig.from_recipe(arch, recipe, **overrides))
     return configs
 
 
 def is_full_recipe(config) -> bool:
     from cnnjax import models
 
-    recipe = models.recipe(config.arch)
+    recipe = models.recipe(config.arch, config.recipe)
     return (all(getattr(config, k) == v for k, v in recipe.items())
             and config.max_train is None and config.max_test is None)
+
+
+def run_name(config) -> str:
+    return (config.arch + ("-modern" if config.recipe == "modern" else "")
+            + ("" if is_full_recipe(config) else "-quick"))
 
 
 def settings(config) -> str:
     text = (f"{config.epochs} ep, lr {config.lr}, batch {config.batch_size}, "
             f"{config.resize}x{config.resize}")
+    if config.recipe == "modern":
+        text += (f", momentum {config.momentum}, wd {config.weight_decay:g}, "
+                 f"{config.schedule} ({config.warmup_epochs:g} ep warm-up)"
+                 + (", crop+flip" if config.augment else ""))
     if config.max_train or config.max_test:
         text += f", {config.max_train or 'all'} train / {config.max_test or 'all'} test images"
     return text
 
 
-def device_kind() -> str:
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    return "cpu" if jax.default_backend() == "cpu" else kind.lower().replace(" ", "-")
+def _sort_key(run: dict):
+    config = run["config"]
+    return (ARCHS.index(config.arch), config.recipe != "classic", not is_full_recipe(config))
 
 
-def write_report(path: Path, rows: list[tuple], header: list[str]) -> None:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+def write_report(path: Path, runs: list[dict], header: list[str]) -> None:
+    from experiments.experiment import examples_per_sec
 
-    lines = header + ["", "| network | kind | settings | notes: loss / train / test / ex/s | "
-                          "ours: loss / train / test / ex/s | test acc, ours - notes (points) |",
-                      "|---|---|---|---|---|---:|"]
-    for config, metrics, ref in rows:
+    lines = header + ["", "| network | recipe | kind | settings | notes: loss / train / test / "
+                          "ex/s | ours: loss / train / test / ex/s | test acc, ours - notes "
+                          "(points) |",
+                      "|---|---|---|---|---|---|---:|"]
+    for run in runs:
+        config, metrics, ref = run["config"], run["metrics"], notes_row(run["config"].arch)
         last = metrics["epochs"][-1]
-        rate = (sum(e["train_examples"] for e in metrics["epochs"])
-                / sum(e["train_seconds"] for e in metrics["epochs"]))
         theirs = ("-" if ref is None else
                   f"{ref['loss']:.3f} / {ref['train_acc']:.3f} / {ref['test_acc']:.3f} / "
                   f"{ref['examples_per_sec']:,.0f} (note {ref['source']})")
         ours = (f"{last['train_loss']:.3f} / {last['train_acc']:.3f} / {last['test_acc']:.3f} / "
-                f"{rate:,.0f}")
-        diff = None if ref is None else 100 * (last["test_acc"] - ref["test_acc"])
+                f"{examples_per_sec(metrics):,.0f}")
+        diff = "-" if ref is None else f"{100 * (last['test_acc'] - ref['test_acc']):+.1f}"
         kind = "full" if is_full_recipe(config) else "**quick**"
-        lines.append(f"| [`{config.arch}`]({config.arch}/) | {kind} | {settings(config)} | "
-                     f"{theirs} | {ours} | {fmt(diff, '+.1f')} |")
+        lines.append(f"| [`{config.arch}`]({run['dir'].name}/) | {config.recipe} | {kind} | "
+                     f"{settings(config)} | {theirs} | {ours} | {diff} |")
     lines += ["", "The notes measured examples/sec on CUDA GPUs they do not name; ours are on "
-                  "the device above, so compare those only between runs on one device.",
-              "", "![test accuracy of every network](test_acc.png)", ""]
+                  "the device above, so compare those only between runs on one device. The "
+                  "notes' figures are for their (classic) recipe, also in the modern rows.",
+              "", "![test accuracy of every run](test_acc.png)", ""]
     path.write_text("\n".join(lines))
 
 
-def plot_test_accuracy(rows: list[tuple], path: Path, title: str) -> None:
+def plot_test_accuracy(runs: list[dict], path: Path, title: str) -> None:
     from cnnjax.plots import plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    for config, metrics, _ in rows:
-        epochs = metrics["epochs"]
-        label = config.arch + ("" if is_full_recipe(config) else " (quick)")
-        ax.plot([e["epoch"] for e in epochs], [e["test_acc"] for e in epochs], "-o", ms=3,
-                label=label)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for run in runs:
+        config, epochs = run["config"], run["metrics"]["epochs"]
+        label = (config.arch + (", modern" if config.recipe == "modern" else "")
+                 + ("" if is_full_recipe(config) else " (quick)"))
+        ax.plot([e["epoch"] for e in epochs], [e["test_acc"] for e in epochs],
+                "--o" if config.recipe == "modern" else "-o", ms=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def build_report(out: Path) -> None:
+    """REPORT.md, test_acc.png and summary.json from every run in `out`."""
+    from cnnjax.trainer import write_json
+    from experiments.experiment import load_runs
+
+    runs = sorted((r for r in load_runs(out) if r["config"].arch in ARCHS), key=_sort_key)
+    full = [run_name(r["config"]) for r in runs if is_full_recipe(r["config"])]
+    quick = [run_name(r["config"]) for r in runs if not is_full_recipe(r["config"])]
+    kinds = ([f"full recipe: {', '.join(full)}"] if full else []) + (
+        [f"**quick** (not the full recipe; settings in each row): {', '.join(quick)}"]
+        if quick else [])
+    devices = sorted({r["metrics"]["device"] for r in runs})
+    dates = sorted({r["run"].get("date", "?") for r in runs})
+    commands = sorted({r["run"].get("command", "?") for r in runs})
+    header = [f"# Reproducing the notes' results on {', '.join(devices)}", "",
+              f"- dates: {', '.join(dates)}",
+              "- commands: " + "; ".join(f"`{c}`" for c in commands),
+              "- rows: " + "; ".join(kinds),
+              "- each row's directory holds its metrics.json, curves.png, config.json, log "
+              "and run.json (date, command)"]
+    write_report(out / "REPORT.md", runs, header)
+    plot_test_accuracy(runs, out / "test_acc.png", f"test accuracy, {', '.join(devices)}")
+    write_json(out / "summary.json", [
+        {"run": r["dir"].name, "config": dataclasses.asdict(r["config"]),
+         "full_recipe": is_full_recipe(r["config"]), "final": r["metrics"]["epochs"][-1],
+         "notes": notes_row(r["config"].arch), **r["run"]} for r in runs])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,52 +215,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
     from cnnjax.parallel import setup_devices
-    from cnnjax.trainer import describe_device, fit, write_json
+    from cnnjax.trainer import Diverged
+    from experiments.experiment import command_line, device_kind, train_run
 
     setup_devices()
     out = Path(args.out) / device_kind()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments.reproduce " + shlex.join(argv if argv is not None
-                                                              else sys.argv[1:])
-    rows = []
+    command = command_line("experiments.reproduce", argv)
+    diverged = []
     for config in configs:
         try:
             data = load_fashion_mnist(args.data_dir, max_train=config.max_train,
                                       max_test=config.max_test)
         except DataUnavailableError as err:
             return fail(prog, str(err))
-        run_dir = out / config.arch
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        write_json(run_dir / "config.json", config.to_dict())
-        print(f"== {config.arch}: {settings(config)}", flush=True)
-        log_lines = []
-
-        def log(line: str) -> None:
-            print(line, flush=True)
-            log_lines.append(line)
-
-        metrics = fit(config, data, run_dir, log=log)
-        (run_dir / "log.txt").write_text("\n".join(log_lines) + "\n")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # reports keep numbers only
-        rows.append((config, metrics, notes_row(config.arch)))
-
-    quick = [c.arch for c, _, _ in rows if not is_full_recipe(c)]
-    full = [c.arch for c, _, _ in rows if is_full_recipe(c)]
-    kinds = ([f"the notes' full recipe for {', '.join(full)}"] if full else []) + (
-        [f"**quick** (not the notes' recipe; settings in each row) for {', '.join(quick)}"]
-        if quick else [])
-    header = [f"# Reproducing the notes' results on {describe_device()}", "",
-              f"- date: {time.strftime('%Y-%m-%d')}",
-              f"- command: `{command}`",
-              "- rows: " + "; ".join(kinds),
-              "- each row's directory holds its metrics.json, curves.png, config.json and log"]
-    write_report(out / "REPORT.md", rows, header)
-    plot_test_accuracy(rows, out / "test_acc.png", f"test accuracy, {describe_device()}")
-    write_json(out / "summary.json", [{"config": dataclasses.asdict(c), "final": m["epochs"][-1],
-                                       "notes": r} for c, m, r in rows])
+        print(f"== {run_name(config)}: {settings(config)}", flush=True)
+        try:
+            train_run(config, data, out / run_name(config), command)
+        except Diverged as err:  # keep going; the other networks' rows still count
+            shutil.rmtree(out / run_name(config), ignore_errors=True)
+            diverged.append(f"{run_name(config)} ({err})")
+    build_report(out)
     print(f"wrote {out}/REPORT.md")
+    if diverged:
+        return fail(prog, f"the loss diverged for {'; '.join(diverged)}; those runs have no "
+                          "row in the report", EXIT_DIVERGED)
     return 0
 
 

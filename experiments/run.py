@@ -1,12 +1,14 @@
 """Train a network of the book on Fashion-MNIST (or print its summary).
 
     python -m experiments.run --arch lenet_bn              # the book's recipe
+    python -m experiments.run --arch resnet18 --recipe modern
     python -m experiments.run --arch googlenet --epochs 1 --max-train 2048
     python -m experiments.run --resume runs/lenet_bn-20261121-120000
     python -m experiments.run --arch resnet18 --summary --resize 224
     python -m experiments.run --arch resnet18 --dtype bfloat16 --devices 4
 
-Defaults are the book's recipe for the network (`cnnjax.models.recipe`). A run writes
+Defaults are the notes' recipe for the network (`cnnjax.models.recipe`; --recipe
+modern for momentum, weight decay, a cosine schedule and augmentation). A run writes
 config.json, metrics.json, curves.png and a checkpoint per epoch into --out.
 Training is data parallel over all devices (a Colab TPU's 8 cores, every GPU);
 --batch-size is the global batch. Launched as one process per host of a cluster
@@ -27,8 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import (ArgumentParser, UsageError, check_devices, check_resize, fail,
-                             non_negative_float, positive_float, positive_int)
+from experiments.cli import (
+    ArgumentParser,
+    UsageError,
+    check_devices,
+    check_resize,
+    fail,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -38,7 +48,7 @@ FULL_TRAIN_SIZE = 60_000
 def build_parser() -> ArgumentParser:
     from cnnjax import models
 
-    names = ", ".join(models.list_models())
+    names = ", ".join(models.list_models(extras=True))
     parser = ArgumentParser(
         prog="python -m experiments.run", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +56,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--summary", action="store_true",
                         help="print each top-level block's output shape and parameter count "
                              "(at --resize) and exit without training")
-    recipe = parser.add_argument_group("training settings (default: the book's recipe for --arch)")
+    recipe = parser.add_argument_group("training settings (default: --recipe for --arch)")
+    recipe.add_argument("--recipe", choices=("classic", "modern"),
+                        help="classic: the notes' (plain SGD, constant lr; the default); "
+                             "modern: momentum 0.9, weight decay 5e-4, cosine schedule "
+                             "after 1 epoch of warm-up, random crops and flips")
     recipe.add_argument("--epochs", type=positive_int, help="passes over the training set")
     recipe.add_argument("--lr", type=positive_float, help="SGD learning rate")
     recipe.add_argument("--batch-size", type=positive_int, metavar="N",
@@ -92,13 +106,12 @@ def build_parser() -> ArgumentParser:
 
 # Settings a user may pass; None means "not given on the command line".
 _SETTINGS = ("epochs", "lr", "batch_size", "resize", "momentum", "weight_decay", "seed",
-             "max_train", "max_test", "dtype")
+             "max_train", "max_test", "dtype", "recipe")
 
 
 def resolve_config(args):
     """The run's TrainConfig: the recipe with the given flags, or, with --resume,
     the resumed run's settings (which the given flags must agree with)."""
-    from cnnjax import models
     from cnnjax.train import TrainConfig
 
     given = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
@@ -124,18 +137,17 @@ def resolve_config(args):
         return dataclasses.replace(saved, epochs=given.get("epochs", saved.epochs))
 
     check_arch(args.arch)
-    return TrainConfig.from_recipe(args.arch, **given)
+    return TrainConfig.from_recipe(args.arch, given.pop("recipe", "classic"), **given)
 
 
 def check_arch(arch: str | None) -> None:
     from cnnjax import models
 
+    names = ", ".join(models.list_models(extras=True))
     if arch is None:
-        raise UsageError("--arch is required (or --resume DIR); valid names: "
-                         + ", ".join(models.list_models()))
-    if arch not in models.list_models():
-        raise UsageError(f"unknown --arch {arch!r}; valid names: "
-                         + ", ".join(models.list_models()))
+        raise UsageError(f"--arch is required (or --resume DIR); valid names: {names}")
+    if arch not in models.list_models(extras=True):
+        raise UsageError(f"unknown --arch {arch!r}; valid names: {names}")
 
 
 def validate(config, args) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
@@ -240,3 +241,24 @@ def test_preprocess_scales_and_resizes():
     # Bilinear resizing keeps a constant image constant.
     flat = np.full((2, 28, 28, 1), 51, np.uint8)
     np.testing.assert_allclose(np.asarray(jitted(flat, 96)), 0.2, rtol=1e-6)
+
+
+def test_random_crop_flip_is_a_shifted_and_maybe_mirrored_window():
+    images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)
+    out = np.asarray(data.random_crop_flip(jnp.asarray(images), jax.random.key(0), padding=2))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    seen_offsets, flips = set(), 0
+    for image, result in zip(padded, out):
+        # Exactly one of the 5 x 5 windows, possibly mirrored, is the output.
+        matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (0, 1)
+                   if np.array_equal(image[dy:dy + 28, dx:dx + 28][:, ::-1] if flip
+                                     else image[dy:dy + 28, dx:dx + 28], result)]
+        assert len(matches) == 1
+        dy, dx, flip = matches[0]
+        seen_offsets.add((dy, dx))
+        flips += flip
+    assert len(seen_offsets) > 10 and 16 < flips < 48  # offsets vary; about half flipped
+    # The same key gives the same batch (so a resumed run sees the same crops).
+    again = data.random_crop_flip(jnp.asarray(images), jax.random.key(0), padding=2)
+    np.testing.assert_array_equal(out, again)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,17 +42,91 @@ def test_bench_rejects_bad_input():
 
 
 def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_path):
-    proc = run_module("experiments.reproduce", "--archs", "lenet_bn_scratch", "--epochs", "1",
-                      "--max-train", "512", "--max-test", "256", "--data-dir", fashion_mnist_dir,
-                      "--out", str(tmp_path))
+    tiny = ("--epochs", "1", "--max-train", "512", "--max-test", "256",
+            "--data-dir", fashion_mnist_dir, "--out", str(tmp_path))
+    proc = run_module("experiments.reproduce", "--archs", "lenet_bn_scratch",
+                      "--recipe", "classic", "modern", *tiny)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "cpu" / "REPORT.md").read_text()
-    assert "**quick** (not the notes' recipe; settings in each row) for lenet_bn_scratch" in report
-    (row,) = [line for line in report.splitlines() if line.startswith("| [`lenet_bn_scratch`]")]
+    assert ("**quick** (not the full recipe; settings in each row): lenet_bn_scratch-quick, "
+            "lenet_bn_scratch-modern-quick") in report
+    classic, modern = [line for line in report.splitlines()
+                       if line.startswith("| [`lenet_bn_scratch`]")]
     # The notes' figures (note 001) beside ours.
-    assert "| **quick** | 1 ep, lr 1.0, batch 256, 28x28, 512 train / 256 test images |" in row
-    assert "0.267 / 0.902 / 0.842 / 21,185 (note 001)" in row
-    metrics = json.loads((tmp_path / "cpu" / "lenet_bn_scratch" / "metrics.json").read_text())
+    assert ("| classic | **quick** | 1 ep, lr 1.0, batch 256, 28x28, 512 train / 256 test "
+            "images |") in classic
+    assert "0.267 / 0.902 / 0.842 / 21,185 (note 001)" in classic
+    metrics = json.loads((tmp_path / "cpu" / "lenet_bn_scratch-quick" / "metrics.json").read_text())
     ours = metrics["epochs"][-1]["test_acc"]
-    assert f"{100 * (ours - 0.842):+.1f} |" in row
+    assert f"{100 * (ours - 0.842):+.1f} |" in classic
+    assert ("| modern | **quick** | 1 ep, lr 0.1, batch 256, 28x28, momentum 0.9, wd 0.0005, "
+            "cosine (1 ep warm-up), crop+flip, 512 train / 256 test images |") in modern
+    modern_config = json.loads(
+        (tmp_path / "cpu" / "lenet_bn_scratch-modern-quick" / "config.json").read_text())
+    assert modern_config["recipe"] == "modern" and modern_config["augment"] is True
     assert (tmp_path / "cpu" / "test_acc.png").read_bytes().startswith(b"\x89PNG")
+
+    # A later invocation adds its rows and keeps the earlier ones.
+    proc = run_module("experiments.reproduce", "--archs", "lenet", *tiny)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "cpu" / "REPORT.md").read_text()
+    assert sum(line.startswith("| [`lenet_bn_scratch`]") for line in report.splitlines()) == 2
+    assert any(line.startswith("| [`lenet`](lenet-quick/)") for line in report.splitlines())
+    summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    assert {row["run"] for row in summary} == {"lenet_bn_scratch-quick",
+                                               "lenet_bn_scratch-modern-quick", "lenet-quick"}
+
+
+def test_bn_ablation_reports_each_network_and_lr(fashion_mnist_dir, tmp_path):
+    proc = run_module("experiments.bn_ablation", "--networks", "lenet", "lenet_bn",
+                      "--lrs", "0.3", "--epochs", "2", "--max-train", "1024", "--max-test", "512",
+                      "--threshold", "0.3", "--data-dir", fashion_mnist_dir, "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "cpu" / "bn_ablation"
+    report = (out / "REPORT.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    # lr 1.0, the notes' lr, is always added to the sweep.
+    assert [(r["arch"], r["lr"]) for r in summary] == [("lenet", 0.3), ("lenet", 1.0),
+                                                       ("lenet_bn", 0.3), ("lenet_bn", 1.0)]
+    for row in summary:
+        metrics = json.loads((out / f"{row['arch']}-lr{row['lr']:g}" / "metrics.json").read_text())
+        assert metrics["config"]["lr"] == row["lr"] and len(metrics["epochs"]) == 2
+        assert row["final"] == metrics["epochs"][-1]
+        line = next(x for x in report.splitlines()
+                    if x.startswith(f"| [`{row['arch']}`]({row['arch']}-lr{row['lr']:g}/)"))
+        assert f"| {row['final']['test_acc']:.3f} |" in line
+        reached = next((e["epoch"] for e in metrics["epochs"] if e["test_acc"] >= 0.3), None)
+        assert row["first_epoch_reaching_threshold"] == reached
+    best = {a: max((r for r in summary if r["arch"] == a), key=lambda r: r["final"]["test_acc"])
+            for a in ("lenet", "lenet_bn")}
+    assert ("each network's best lr: " + ", ".join(f"{a} {r['lr']:g}" for a, r in best.items())
+            in report)
+    assert (out / "bn_ablation.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_degradation_compares_plain_and_residual(fashion_mnist_dir, tmp_path):
+    proc = run_module("experiments.degradation", "--networks", "plain20", "resnet20",
+                      "--epochs", "1", "--max-train", "256", "--max-test", "128",
+                      "--data-dir", fashion_mnist_dir, "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "cpu" / "degradation"
+    report = (out / "REPORT.md").read_text()
+    rows = {r["arch"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["plain20"]["params"] == 270_122 and rows["resnet20"]["params"] == 272_778
+    for arch in ("plain20", "resnet20"):
+        epochs = json.loads((out / arch / "metrics.json").read_text())["epochs"]
+        assert rows[arch]["final_train_error"] == 1 - epochs[-1]["train_acc"]
+        assert f"| {100 * (1 - epochs[-1]['train_acc']):.2f}% |" in report
+    # Only one depth of each kind: there is nothing to compare yet.
+    assert "What the runs show:\n\n" in report
+    assert (out / "degradation.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.bn_ablation", ("--threshold", "2"), "--threshold 2.0 must lie in (0, 1]"),
+    ("experiments.degradation", ("--networks", "resnet50"), "invalid choice: 'resnet50'"),
+    ("experiments.reproduce", ("--recipe", "fast"), "invalid choice: 'fast'"),
+])
+def test_experiments_reject_bad_input(module, args, message):
+    proc = run_module(module, *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -13,8 +13,15 @@ import jax.numpy as jnp
 import pytest
 
 from cnnjax import models, reference
-from cnnjax.models import (DenseBlock, Inception, Residual, count_params, nin_block,
-                           transition_block, vgg_block)
+from cnnjax.models import (
+    DenseBlock,
+    Inception,
+    Residual,
+    count_params,
+    nin_block,
+    transition_block,
+    vgg_block,
+)
 
 ALL = models.list_models()
 WITH_BN = {"lenet_bn_scratch", "lenet_bn", "resnet18", "resnet34", "densenet"}
@@ -219,10 +226,72 @@ def test_recipes_follow_the_notes():
         if run["source"] != "001":  # the chapter-by-chapter note wins where two differ
             continue
         name = run["arch"].split(" ")[0]
-        assert models.recipe(name) == {k: run[k] for k in ("lr", "batch_size", "resize", "epochs")}
-    assert models.recipe("lenet") == {"lr": 0.9, "batch_size": 256, "resize": 28, "epochs": 10}
+        assert models.recipe(name) == {**CLASSIC, **{k: run[k] for k in
+                                                     ("lr", "batch_size", "resize", "epochs")}}
+    assert models.recipe("lenet") == {**CLASSIC, "lr": 0.9, "batch_size": 256, "resize": 28,
+                                      "epochs": 10}
     assert models.recipe("resnet34") == models.recipe("resnet18")
     assert models.recipe("lenet_bn") == models.recipe("lenet_bn_scratch")
+
+
+CLASSIC = {"momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+           "augment": False}  # d2l.train_ch6: plain SGD at a constant lr
+
+
+def test_modern_recipe_keeps_input_batch_and_epochs():
+    for name in ALL:
+        classic, modern = models.recipe(name), models.recipe(name, "modern")
+        assert {k: modern[k] for k in ("batch_size", "resize", "epochs")} == \
+            {k: classic[k] for k in ("batch_size", "resize", "epochs")}
+        assert (modern["momentum"], modern["weight_decay"], modern["schedule"],
+                modern["warmup_epochs"], modern["augment"]) == (0.9, 5e-4, "cosine", 1.0, True)
+    assert models.recipe("resnet18", "modern")["lr"] == 0.1
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        models.recipe("resnet18", "fast")
+
+
+# --- the degradation experiment's networks (He et al. 2016, §4.2) ------------------------
+
+@pytest.mark.parametrize("name, paper_params", [("resnet20", 0.27e6), ("resnet56", 0.85e6)])
+def test_cifar_resnets_have_the_papers_size(name, paper_params):
+    infos = models.block_infos(models.get_model(name), 28)
+    assert [i.output_shape for i in infos if i.name.startswith("stage")] == \
+        [(28, 28, 16), (14, 14, 32), (7, 7, 64)]
+    # The paper reports 0.27M and 0.85M with zero-padding shortcuts; the book's 1x1-conv
+    # shortcuts (two of them, 16->32 and 32->64 channels) add 2,656.
+    total = sum(i.num_params for i in infos)
+    assert abs(total - paper_params) / paper_params < 0.02
+
+
+def test_plain_networks_are_the_residual_ones_without_shortcuts():
+    assert "plain56" in models.list_models(extras=True) and "plain56" not in ALL
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    plain, residual = models.get_model("plain20"), models.get_model("resnet20")
+    plain_vars = plain.init(jax.random.key(1), x)
+    residual_vars = residual.init(jax.random.key(1), x)
+    # The same layers, minus the two 1x1 shortcut convs.
+    shapes = lambda v: {jax.tree_util.keystr(k): a.shape for k, a in  # noqa: E731
+                        jax.tree_util.tree_leaves_with_path(v["params"])}
+    extra = set(shapes(residual_vars)) - set(shapes(plain_vars))
+    assert len(extra) == 4 and all("Conv_2" in k for k in extra)  # 2 kernels, 2 biases
+    assert plain.apply(plain_vars, x).shape == residual.apply(residual_vars, x).shape == (2, 10)
+
+
+def test_plain_block_is_the_residual_block_without_the_addition():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 16))
+    variables = Residual(16).init(jax.random.key(1), x)
+    plain_out, inter = Residual(16, shortcut=False).apply(
+        variables, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm))
+    before_relu = inter["intermediates"]["BatchNorm_1"]["__call__"][0]
+    chex.assert_trees_all_close(plain_out, nn.relu(before_relu))
+    chex.assert_trees_all_close(Residual(16).apply(variables, x), nn.relu(before_relu + x),
+                                atol=1e-6)
+
+
+def test_cifar_resnet_depth_must_be_6n_plus_2():
+    x = jnp.zeros((1, 28, 28, 1))
+    with pytest.raises(ValueError, match="depth must be 6n"):
+        models.CifarResNet(depth=21).init(jax.random.key(0), x)
 
 
 def test_summary_lists_blocks_and_total():

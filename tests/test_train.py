@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,14 @@ import optax
 import pytest
 
 from cnnjax import data, models
-from cnnjax.train import TrainConfig, create_train_state, evaluate, train_step, zero_totals
+from cnnjax.train import (
+    TrainConfig,
+    create_train_state,
+    evaluate,
+    learning_rate,
+    train_step,
+    zero_totals,
+)
 from cnnjax.trainer import book_summary, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +71,43 @@ def test_train_step_is_one_sgd_step_on_cross_entropy():
                            new_state.params, expected_params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            new_state.batch_stats, expected_stats)
+
+
+def test_modern_recipe_warms_up_from_zero_then_decays_to_zero():
+    config = TrainConfig.from_recipe("resnet18", "modern", epochs=4)
+    schedule = learning_rate(config, steps_per_epoch=10)
+    assert float(schedule(0)) == 0.0  # warm-up starts at 0 ...
+    np.testing.assert_allclose(float(schedule(5)), 0.05, rtol=1e-6)  # ... rises linearly ...
+    np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)  # ... to lr after 1 epoch
+    np.testing.assert_allclose(float(schedule(25)), 0.05, rtol=1e-5)  # cosine: half-way
+    assert float(schedule(40)) == 0.0
+    assert learning_rate(TrainConfig.from_recipe("resnet18"), 10) == 0.05  # classic: constant
+    # A 1-epoch run is all warm-up but its last step, which decays to 0.
+    one_epoch = learning_rate(dataclasses.replace(config, epochs=1), steps_per_epoch=10)
+    np.testing.assert_allclose([float(one_epoch(s)) for s in (0, 9, 10)], [0.0, 0.1, 0.0],
+                               atol=1e-7)
+
+
+def test_modern_train_step_follows_the_schedule_and_augments():
+    config = TrainConfig.from_recipe("lenet_bn", "modern", batch_size=8, epochs=2)
+    ds = synthetic(16, 1)
+    args = (jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels),
+            jnp.arange(16, dtype=jnp.int32).reshape(2, 8), jax.random.key(1))
+    state = create_train_state(config, models.get_model("lenet_bn"), jax.random.key(0),
+                               steps_per_epoch=2)
+    initial = jax.tree_util.tree_map(np.asarray, state.params)
+    state, _ = train_step(state, zero_totals(), *args, resize=28, augment=True)
+    # Step 0 of the warm-up has lr 0: nothing moves, weight decay included.
+    chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, state.params), initial)
+    state, totals = train_step(state, zero_totals(), *args, resize=28, augment=True)
+    assert not np.allclose(state.params["Dense_0"]["kernel"], initial["Dense_0"]["kernel"])
+
+    # The same step without augmentation sees other pixels, so it has another loss.
+    fresh = lambda: create_train_state(config, models.get_model("lenet_bn"),  # noqa: E731
+                                       jax.random.key(0), steps_per_epoch=2)
+    _, plain = train_step(fresh(), zero_totals(), *args, resize=28, augment=False)
+    _, augmented = train_step(fresh(), zero_totals(), *args, resize=28, augment=True)
+    assert float(plain["loss_sum"]) != float(augmented["loss_sum"])
 
 
 @pytest.mark.parametrize("num_test, batch_size", [(10, 4), (13, 13), (7, 16)])
@@ -130,7 +175,8 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
     assert metrics["config"] == {**models.recipe("lenet_bn"), "arch": "lenet_bn", "epochs": 1,
                                  "seed": 0, "momentum": 0.0, "weight_decay": 0.0,
-                                 "max_train": 512, "max_test": 256, "dtype": "float32"}
+                                 "max_train": 512, "max_test": 256, "dtype": "float32",
+                                 "recipe": "classic"}
     assert metrics["device"].startswith("cpu") and metrics["compile_seconds"] > 0
     (epoch,) = metrics["epochs"]
     assert set(epoch) >= {"epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec",

@@ -7,6 +7,7 @@ from cnnjax.models.googlenet import GoogLeNet, Inception
 from cnnjax.models.lenet import LeNet, LeNetBN
 from cnnjax.models.nin import NiN, nin_block
 from cnnjax.models.registry import (
+    RECIPES,
     BlockInfo,
     Recipe,
     accepts_input,
@@ -19,12 +20,13 @@ from cnnjax.models.registry import (
     recipe,
     summary,
 )
-from cnnjax.models.resnet import Residual, ResNet, Stem, resnet_block
+from cnnjax.models.resnet import CifarResNet, Residual, ResNet, Stem, resnet_block
 from cnnjax.models.vgg import VGG, vgg_block
 
 __all__ = [
-    "AlexNet", "BlockInfo", "accepts_input", "min_input_size", "DenseBlock", "DenseNet", "GoogLeNet", "Inception", "LeNet",
-    "LeNetBN", "NiN", "Recipe", "ResNet", "Residual", "Stem", "VGG", "block_infos",
-    "conv_block", "count_params", "describe", "get_model", "list_models", "nin_block",
-    "recipe", "resnet_block", "summary", "transition_block", "vgg_block",
+    "accepts_input", "AlexNet", "block_infos", "BlockInfo", "CifarResNet", "conv_block",
+    "count_params", "DenseBlock", "DenseNet", "describe", "get_model", "GoogLeNet",
+    "Inception", "LeNet", "LeNetBN", "list_models", "min_input_size", "NiN", "nin_block",
+    "recipe", "Recipe", "RECIPES", "Residual", "ResNet", "resnet_block", "Stem", "summary",
+    "transition_block", "VGG", "vgg_block",
 ]

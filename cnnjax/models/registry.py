@@ -22,57 +22,89 @@ from cnnjax.models.densenet import DenseNet
 from cnnjax.models.googlenet import GoogLeNet
 from cnnjax.models.lenet import LeNet, LeNetBN
 from cnnjax.models.nin import NiN
-from cnnjax.models.resnet import ResNet
+from cnnjax.models.resnet import CifarResNet, ResNet
 from cnnjax.models.vgg import VGG
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How the book trains a network on Fashion-MNIST."""
+    """How a network is trained on Fashion-MNIST: the `TrainConfig` settings."""
 
     lr: float
     batch_size: int
     resize: int  # images are resized from 28x28 to resize x resize
     epochs: int = 10
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    augment: bool = False
+
+
+RECIPES = ("classic", "modern")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     constructor: Callable[..., nn.Module]
-    recipe: Recipe
+    recipe: Recipe  # the classic recipe: the notes' (the ResNet paper's for the extras)
+    modern_lr: float  # the modern recipe's peak lr (with momentum 0.9)
     description: str
+    in_book: bool = True  # False: the degradation experiment's networks
 
+
+def _book(lr: float, batch_size: int, resize: int) -> Recipe:
+    """`d2l.train_ch6`: plain SGD at a constant lr for 10 epochs."""
+    return Recipe(lr=lr, batch_size=batch_size, resize=resize)
+
+
+# The ResNet paper's CIFAR-10 settings (He et al. 2016, §4.2) at 28x28, with a constant
+# lr of 0.1 (the paper's first phase) for 20 epochs.
+_RESNET_PAPER = Recipe(lr=0.1, batch_size=128, resize=28, epochs=20, momentum=0.9,
+                       weight_decay=1e-4)
 
 _MODELS: dict[str, ModelSpec] = {
-    "lenet": ModelSpec(LeNet, Recipe(lr=0.9, batch_size=256, resize=28),
+    "lenet": ModelSpec(LeNet, _book(lr=0.9, batch_size=256, resize=28), 0.1,
                        "LeNet-5 with sigmoids and average pooling (§6.6)"),
     "lenet_bn_scratch": ModelSpec(
         functools.partial(LeNetBN, norm=ScratchBatchNorm),
-        Recipe(lr=1.0, batch_size=256, resize=28),
+        _book(lr=1.0, batch_size=256, resize=28), 0.1,
         "LeNet with the from-scratch batch norm (§7.5.3-7.5.4)"),
-    "lenet_bn": ModelSpec(LeNetBN, Recipe(lr=1.0, batch_size=256, resize=28),
+    "lenet_bn": ModelSpec(LeNetBN, _book(lr=1.0, batch_size=256, resize=28), 0.1,
                           "LeNet with flax.linen.BatchNorm (§7.5.5)"),
-    "alexnet": ModelSpec(AlexNet, Recipe(lr=0.01, batch_size=128, resize=224),
+    "alexnet": ModelSpec(AlexNet, _book(lr=0.01, batch_size=128, resize=224), 0.01,
                          "AlexNet (§7.1)"),
-    "vgg11": ModelSpec(VGG, Recipe(lr=0.05, batch_size=128, resize=224),
+    "vgg11": ModelSpec(VGG, _book(lr=0.05, batch_size=128, resize=224), 0.01,
                        "VGG-11 with conv widths divided by `ratio` (4 as trained in §7.2)"),
-    "nin": ModelSpec(NiN, Recipe(lr=0.1, batch_size=128, resize=224),
+    "nin": ModelSpec(NiN, _book(lr=0.1, batch_size=128, resize=224), 0.01,
                      "Network in Network (§7.3)"),
-    "googlenet": ModelSpec(GoogLeNet, Recipe(lr=0.1, batch_size=128, resize=96),
+    "googlenet": ModelSpec(GoogLeNet, _book(lr=0.1, batch_size=128, resize=96), 0.01,
                            "GoogLeNet with nine Inception blocks (§7.4)"),
     "resnet18": ModelSpec(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
-                          Recipe(lr=0.05, batch_size=256, resize=96), "ResNet-18 (§7.6)"),
+                          _book(lr=0.05, batch_size=256, resize=96), 0.1, "ResNet-18 (§7.6)"),
     "resnet34": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
-                          Recipe(lr=0.05, batch_size=256, resize=96),
+                          _book(lr=0.05, batch_size=256, resize=96), 0.1,
                           "ResNet-34: ResNet-18's builder with stages 3/4/6/3"),
-    "densenet": ModelSpec(DenseNet, Recipe(lr=0.05, batch_size=256, resize=96),
+    "densenet": ModelSpec(DenseNet, _book(lr=0.05, batch_size=256, resize=96), 0.1,
                           "DenseNet, growth rate 32, blocks 4/4/4/4 (§7.7)"),
+    **{f"{kind}{depth}": ModelSpec(
+        functools.partial(CifarResNet, depth=depth, residual=kind == "resnet"),
+        _RESNET_PAPER, 0.1,
+        f"{depth}-layer {'residual' if kind == 'resnet' else 'plain (no shortcuts)'} network "
+        "of the ResNet paper's CIFAR-10 experiment (degradation experiment)", in_book=False)
+       for kind in ("plain", "resnet") for depth in (20, 56)},
 }
 
+# The modern recipe, beyond the notes: SGD with momentum 0.9 and weight decay 5e-4, a
+# cosine schedule after one epoch of linear warm-up, random crops and flips.
+_MODERN = dict(momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0,
+               augment=True)
 
-def list_models() -> list[str]:
-    """The names `get_model` accepts, in the order the book introduces them."""
-    return list(_MODELS)
+
+def list_models(extras: bool = False) -> list[str]:
+    """The book's networks, in the order the book introduces them; with `extras`,
+    also the plain and residual networks of the degradation experiment."""
+    return [name for name, spec in _MODELS.items() if extras or spec.in_book]
 
 
 def _spec(name: str) -> ModelSpec:
@@ -80,7 +112,8 @@ def _spec(name: str) -> ModelSpec:
         return _MODELS[name]
     except KeyError:
         raise ValueError(
-            f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
+            f"unknown model {name!r}; valid names: {', '.join(list_models(extras=True))}"
+        ) from None
 
 
 def get_model(name: str, num_classes: int = 10, **fields) -> nn.Module:
@@ -89,9 +122,24 @@ def get_model(name: str, num_classes: int = 10, **fields) -> nn.Module:
     return _spec(name).constructor(num_classes=num_classes, **fields)
 
 
-def recipe(name: str) -> dict:
-    """The book's training settings for `name`: lr, epochs, batch_size, resize."""
-    return dataclasses.asdict(_spec(name).recipe)
+def recipe(name: str, kind: str = "classic") -> dict:
+    """The training settings of network `name` (the `TrainConfig` fields lr, epochs,
+    batch_size, resize, momentum, weight_decay, schedule, warmup_epochs, augment).
+
+    kind="classic": the notes' recipe (`d2l.train_ch6`: plain SGD, constant lr, 10
+    epochs); for the degradation networks, the ResNet paper's. kind="modern": the
+    same input size, batch and epochs with momentum 0.9, weight decay 5e-4, a
+    cosine schedule after a 1-epoch warm-up, random crops and flips, at the
+    network's modern lr (the original papers' 0.01 with momentum for AlexNet, VGG,
+    NiN and GoogLeNet; 0.1 for the rest, which for the LeNets keeps the book's
+    effective step, since momentum 0.9 multiplies the step by about 10).
+    """
+    spec = _spec(name)
+    if kind == "classic":
+        return dataclasses.asdict(spec.recipe)
+    if kind == "modern":
+        return dataclasses.asdict(dataclasses.replace(spec.recipe, lr=spec.modern_lr, **_MODERN))
+    raise ValueError(f"unknown recipe {kind!r}; valid: {', '.join(RECIPES)}")
 
 
 def describe(name: str) -> str:

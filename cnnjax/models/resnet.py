@@ -1,4 +1,5 @@
-"""Residual networks (d2l §7.6): ResNet-18 and ResNet-34."""
+"""Residual networks (d2l §7.6): ResNet-18 and ResNet-34; and the ResNet paper's
+small-image networks, with and without shortcuts, for the degradation experiment."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ class Residual(nn.Module):
 
     With `use_1x1conv`, a 1x1 conv (with the same `strides`) reshapes the input so
     it can be added when the block changes the number of channels or halves the
-    resolution.
+    resolution. With `shortcut=False` nothing is added: the "plain" block the ResNet
+    paper compares against (and `use_1x1conv` has nothing to do).
     """
 
     num_channels: int
     use_1x1conv: bool = False
     strides: int = 1
+    shortcut: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -39,6 +42,8 @@ class Residual(nn.Module):
         y = nn.relu(batch_norm(train, self.dtype)(y))
         y = conv(self.num_channels, 3, padding=1, dtype=self.dtype)(y)
         y = batch_norm(train, self.dtype)(y)
+        if not self.shortcut:
+            return nn.relu(y)
         if self.use_1x1conv:
             x = conv(self.num_channels, 1, strides=self.strides, dtype=self.dtype)(x)
         return nn.relu(y + x)
@@ -55,6 +60,7 @@ class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
     num_channels: int
     num_residuals: int
     first_block: bool = False
+    shortcut: bool = True  # False: plain blocks (see `Residual`)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -62,9 +68,10 @@ class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
         for i in range(self.num_residuals):
             if i == 0 and not self.first_block:
                 x = Residual(self.num_channels, use_1x1conv=True, strides=2,
-                             dtype=self.dtype)(x, train)
+                             shortcut=self.shortcut, dtype=self.dtype)(x, train)
             else:
-                x = Residual(self.num_channels, dtype=self.dtype)(x, train)
+                x = Residual(self.num_channels, shortcut=self.shortcut,
+                             dtype=self.dtype)(x, train)
         return x
 
 
@@ -101,6 +108,38 @@ class ResNet(nn.Module):
             stage = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0),
                                  dtype=self.dtype, name=f"b{i + 2}")
             x = stage(x, train)
+        x = GlobalAvgPool()(x)
+        x = dense(self.num_classes, dtype=self.dtype)(x)
+        return jnp.asarray(x, jnp.float32)
+
+
+class CifarResNet(nn.Module):
+    """The ResNet paper's networks for small images (He et al. 2016, §4.2), the
+    degradation experiment's subjects: a 3x3 conv of 16 channels with batch norm
+    and ReLU, three `resnet_block` stages of n blocks with 16, 32 and 64 channels
+    (the second and third start by halving the resolution: 28x28 becomes 14x14 and
+    7x7), global average pooling and a dense layer; 6n + 2 weighted layers, so
+    `depth` 20 has n = 3 and 56 has n = 9. With `residual=False` the same layers
+    without shortcuts: the paper's "plain" networks. Shortcuts that change shape
+    use the book's 1x1 conv (the paper's option B)."""
+
+    depth: int = 20
+    residual: bool = True
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if (self.depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 (20, 32, 44, 56, ...), got {self.depth}")
+        blocks_per_stage = (self.depth - 2) // 6
+        x = jnp.asarray(x, self.dtype)
+        x = conv(16, 3, padding=1, dtype=self.dtype)(x)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
+        for i in range(3):
+            x = resnet_block(16 * 2**i, blocks_per_stage, first_block=(i == 0),
+                             shortcut=self.residual, dtype=self.dtype,
+                             name=f"stage{i + 1}")(x, train)
         x = GlobalAvgPool()(x)
         x = dense(self.num_classes, dtype=self.dtype)(x)
         return jnp.asarray(x, jnp.float32)
