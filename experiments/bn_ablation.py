@@ -11,8 +11,8 @@ book's recipe (plain SGD, batch 256, 28x28, 10 epochs) at every --lrs value,
 including the notes' 1.0, and picks each network's best lr from the sweep (highest
 final test accuracy). Writes results/<device-kind>/bn_ablation/: REPORT.md (a
 table per run: final loss, accuracies, the first epoch with test accuracy >=
---threshold), bn_ablation.png (train loss and test accuracy against epoch, at lr
-1.0 and at each network's best lr), summary.json and one directory per run. A run
+--threshold), bn_ablation.png (train loss and test accuracy against epoch, a
+column per lr), summary.json and one directory per run. A run
 whose loss stops being finite is reported as diverged.
 """
 
@@ -98,27 +98,36 @@ def write_report(path: Path, results: dict, best: dict, header: list[str],
     path.write_text("\n".join(lines))
 
 
-def plot(results: dict, best: dict, path: Path, title: str) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
+    """A column per lr: train loss (top) and test accuracy (bottom) of each network."""
     from cnnjax.plots import plt, save_figure
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for color, arch in zip(("C0", "C1", "C2"), LABELS):
-        lrs = [NOTES_LR] + ([best[arch]] if best.get(arch, NOTES_LR) != NOTES_LR else [])
-        for lr, style in zip(lrs, ("-o", "--s")):
+    lrs = sorted({lr for _, lr in results})
+    fig, axes = plt.subplots(2, len(lrs), figsize=(3.2 * len(lrs) + 1, 6), dpi=120,
+                             sharex=True, sharey="row", squeeze=False)
+    # The two BN networks compute the same numbers: the scratch one is drawn wider and
+    # dashed so that it shows under flax's.
+    styles = {"lenet": dict(color="C0", ls="-", lw=1.5),
+              "lenet_bn": dict(color="C2", ls="-", lw=1.5),
+              "lenet_bn_scratch": dict(color="C1", ls="--", lw=3.5)}
+    for column, lr in enumerate(lrs):
+        for arch in ("lenet", "lenet_bn_scratch", "lenet_bn"):
             epochs = results.get((arch, lr), {}).get("epochs")
             if not epochs:
                 continue
             x = [e["epoch"] for e in epochs]
-            label = f"{LABELS[arch]}, lr {lr:g}"
-            loss_ax.plot(x, [e["train_loss"] for e in epochs], style, color=color, ms=3,
-                         label=label)
-            acc_ax.plot(x, [e["test_acc"] for e in epochs], style, color=color, ms=3,
-                        label=label)
-    loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy")
-    for ax in (loss_ax, acc_ax):
+            axes[0, column].plot(x, [e["train_loss"] for e in epochs], label=LABELS[arch],
+                                 **styles[arch])
+            axes[1, column].plot(x, [e["test_acc"] for e in epochs], label=LABELS[arch],
+                                 **styles[arch])
+        axes[0, column].set_title(f"lr {lr:g}" + (" (the notes')" if lr == NOTES_LR else ""),
+                                  fontsize=9)
+        axes[1, column].set_xlabel("epoch")
+    axes[0, 0].set(ylabel="train loss", yscale="log")
+    axes[1, 0].set_ylabel("test accuracy")
+    for ax in axes.flat:
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
     save_figure(fig, path, title)
 
 
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{subset}; the notes train the BN LeNets at lr {NOTES_LR:g}",
               "- each network's best lr: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items())]
     write_report(out / "REPORT.md", results, best, header, args.threshold)
-    plot(results, best, out / "bn_ablation.png",
+    plot(results, out / "bn_ablation.png",
          f"LeNet with and without batch norm, {describe_device()}")
     write_json(out / "summary.json", [
         {"arch": a, "lr": lr, "diverged": r.get("diverged"),

@@ -2,7 +2,7 @@
 plain network train worse, while a deeper residual network trains better?
 
     python -m experiments.degradation            # 20 epochs, all 60,000 images (a GPU)
-    python -m experiments.degradation --quick    # 8 epochs on 10,000 images (~30 min, 2 CPU cores)
+    python -m experiments.degradation --quick    # 8 epochs on 10,000 images (~45 min, 2 CPU cores)
 
 He et al. (2016) found that a 56-layer plain network reaches a higher training
 error than a 20-layer one, although it could copy the shallower net and add
@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['epochs']} epochs on the first {QUICK['max_train']:,} "
                              f"training and {QUICK['max_test']:,} test images (fits a "
-                             "2-core CPU in about 30 minutes)")
+                             "2-core CPU in about 45 minutes)")
     parser.add_argument("--epochs", type=positive_int,
                         help="epochs per network (default 20; --quick: 8)")
     parser.add_argument("--max-train", type=positive_int, metavar="N",
@@ -70,6 +70,13 @@ def findings(results: dict) -> list[str]:
         lines.append(f"- {name}: the 56-layer net ends with a training error {verdict} the "
                      f"20-layer net's ({100 * train56:.2f}% vs {100 * train20:.2f}%; test "
                      f"error {100 * test56:.2f}% vs {100 * test20:.2f}%)")
+    for depth in (20, 56):
+        plain, residual = results.get(f"plain{depth}"), results.get(f"resnet{depth}")
+        if plain and residual:
+            (plain_train, _), (residual_train, _) = final_errors(plain), final_errors(residual)
+            lines.append(f"- at {depth} layers, shortcuts change the final training error from "
+                         f"{100 * plain_train:.2f}% (plain) to {100 * residual_train:.2f}% "
+                         "(residual)")
     return lines
 
 
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{recipe['weight_decay']:g}, lr {recipe['lr']} constant, batch "
              f"{recipe['batch_size']}, 28x28, {settings.get('epochs', recipe['epochs'])} epoch(s) "
              f"on {subset} training images "
-             f"({settings.get('max_test') or 'all 10,000'} test images), seed {args.seed}"
+             f"({settings.get('max_test') or 10_000:,} test images), seed {args.seed}"
              + ("; **quick** (a shorter run than the full version)" if args.quick else ""),
              "", "| network | layers | shortcuts | params | final train error | "
                  "final test error | best test error |",

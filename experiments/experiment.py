@@ -22,7 +22,8 @@ def device_kind() -> str:
 
 def command_line(module: str, argv: list[str] | None) -> str:
     """The command that was run, as a user would type it."""
-    return f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    return f"python -m {module} {args}".rstrip()
 
 
 def train_run(config, data, run_dir: Path, command: str, **extra) -> dict:
