@@ -74,7 +74,7 @@ def build_parser() -> ArgumentParser:
                         help="training steps per timed window (default 10)")
     parser.add_argument("--steps-per-dispatch", type=positive_int, default=1, metavar="K",
                         help="run K training steps per call to the device, in a "
-                             "lax.scan (default 1: one call per step, as fit does)")
+                             "lax.scan, unrolled (default 1: one call per step, as fit does)")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch version in the same run (needs torch)")
     parser.add_argument("--data-dir", metavar="DIR",
@@ -120,14 +120,16 @@ def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
     step = run.train_step
     if steps_per_dispatch > 1:
         # The data are arguments, not closed over: a jitted function bakes closed-over
-        # arrays into the program as constants (session 2's 4x slowdown had that form).
+        # arrays into the program as constants.
         @functools.partial(jax.jit, donate_argnums=(0, 1))
         def scan_steps(state, totals, images, labels, batches, rng_key):
             def one_step(carry, _):
                 return train_step(*carry, images, labels, batches, rng_key,
                                   resize=config.resize, augment=config.augment), None
 
-            return jax.lax.scan(one_step, (state, totals), length=steps_per_dispatch)[0]
+            # Unrolled: XLA:CPU ran the rolled loop's body 4x slower (docs/benchmarks.md).
+            return jax.lax.scan(one_step, (state, totals), length=steps_per_dispatch,
+                                unroll=True)[0]
 
         a = run.arrays
 

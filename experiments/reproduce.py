@@ -19,7 +19,7 @@ diverges gets no row; the command names it and exits with 3.
 schedule after one epoch of warm-up, random crops and flips (cnnjax.models.recipe).
 
 --quick trains the LeNet family with the full recipe and the larger networks for 2
-epochs on 2,048 training and 1,000 test images at a smaller input size. Those rows
+epochs on 2,048 training and 1,000 test images, most at a smaller input size. Those rows
 show that the pipeline runs and learns, not the notes' accuracy.
 """
 
@@ -38,7 +38,9 @@ ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18",
          "lenet", "lenet_bn")
 LENET_FAMILY = ("lenet", "lenet_bn", "lenet_bn_scratch")
 # --quick for the larger networks: their smallest comfortable input, 2 epochs, a subset.
-QUICK_RESIZE = {"alexnet": 96, "vgg11": 64, "nin": 96, "googlenet": 64, "resnet18": 64,
+# ResNet-18 keeps its 96x96: at 64x64 its last stage works on 2x2 maps, where XLA:CPU's
+# convolutions are about 25x slower than on 3x3 ones (docs/benchmarks.md).
+QUICK_RESIZE = {"alexnet": 96, "vgg11": 64, "nin": 96, "googlenet": 64, "resnet18": 96,
                 "densenet": 64}
 QUICK_SUBSET = {"epochs": 2, "max_train": 2048, "max_test": 1000}
 _REFERENCE_NAMES = {"vgg11": "vgg11 (ratio 4)"}
@@ -53,8 +55,8 @@ def build_parser() -> ArgumentParser:
                              "decay, cosine schedule with warm-up, crops and flips; both: "
                              "--recipe classic modern")
     parser.add_argument("--quick", action="store_true",
-                        help="full recipe for the LeNets; 2 epochs on 2,048 images at a "
-                             "smaller input size for the others")
+                        help="full recipe for the LeNets; 2 epochs on 2,048 images, most "
+                             "at a smaller input size, for the others")
     parser.add_argument("--epochs", type=positive_int,
                         help="override every network's epochs (smoke tests; the report says so)")
     parser.add_argument("--max-train", type=positive_int, metavar="N",
