@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,25 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(small_data, tmp_path):
     straight = fit(config, small_data, tmp_path / "straight", **quiet)
     fit(dataclasses.replace(config, epochs=1), small_data, tmp_path / "stopped", **quiet)
     resumed = fit(config, small_data, tmp_path / "stopped", resume=True, **quiet)
+    keys = ("epoch", "train_loss", "train_acc", "test_acc")
+    assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
+           [{k: e[k] for k in keys} for e in straight["epochs"]]
+
+
+def test_modern_recipe_learns_and_resumes_exactly(small_data, tmp_path):
+    # The schedule spans the whole run and every step draws its own crops and flips:
+    # redoing the last epoch from the previous checkpoint must give the same numbers.
+    config = TrainConfig.from_recipe("lenet_bn", "modern", epochs=2, batch_size=64)
+    quiet = dict(log=lambda _: None, progress=False)
+    straight = fit(config, small_data, tmp_path, **quiet)
+    assert straight["epochs"][-1]["test_acc"] > 0.5  # chance is 0.1
+    last_checkpoint = tmp_path / "checkpoints" / str(2 * 2048 // 64)  # the global step
+    assert last_checkpoint.is_dir()
+    shutil.rmtree(last_checkpoint)
+    lines = []
+    resumed = fit(config, small_data, tmp_path, resume=True, log=lines.append, progress=False)
+    assert lines[0].startswith(f"resumed from {tmp_path} at epoch 2, batch 0")
+    assert resumed["epochs"][1]["train_examples"] == 2048  # only epoch 2 was trained again
     keys = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
            [{k: e[k] for k in keys} for e in straight["epochs"]]
