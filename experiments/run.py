@@ -97,7 +97,9 @@ def build_parser() -> ArgumentParser:
                     help="replace whatever --out already holds")
     io.add_argument("--resume", metavar="DIR",
                     help="continue the run in DIR from its last checkpoint, with its settings "
-                         "(--epochs may be raised to train longer)")
+                         "(--epochs may be raised to train longer; with a cosine schedule "
+                         "that stretches the schedule over the new length, so the lr "
+                         "jumps at the resume)")
     io.add_argument("--no-progress", action="store_true",
                     help="no progress bar, only a line per epoch (the default when the "
                          "output is not a terminal)")
