@@ -282,12 +282,17 @@ def _postfix(totals, seconds: float, examples: int) -> dict[str, str]:
             "img/s": f"{examples / seconds:.0f}"}
 
 
+def examples_per_sec(metrics: dict) -> float:
+    """Training examples per second over all epochs, as `train_ch6` reports it."""
+    epochs = metrics["epochs"]
+    return sum(e["train_examples"] for e in epochs) / sum(e["train_seconds"] for e in epochs)
+
+
 def book_summary(metrics: dict) -> str:
     """The two lines `train_ch6` ends with: final loss and accuracies, and the
     examples/sec over all epochs on the device."""
     last = metrics["epochs"][-1]
-    rate = (sum(e["train_examples"] for e in metrics["epochs"])
-            / sum(e["train_seconds"] for e in metrics["epochs"]))
+    rate = examples_per_sec(metrics)
     return (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
             f"test acc {last['test_acc']:.3f}\n"
             f"{rate:.1f} examples/sec on {metrics['device']}")

@@ -7,6 +7,7 @@ import math
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # the training loss stopped being finite
 
 
 class UsageError(Exception):

@@ -26,10 +26,10 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return f"python -m {module} {args}".rstrip()
 
 
-def train_run(config, data, run_dir: Path, command: str, **extra) -> dict:
+def train_run(config, data, run_dir: Path, command: str) -> dict:
     """Train `config` on `data` into a fresh `run_dir` and keep the numbers only:
-    config.json, metrics.json, curves.png, log.txt and run.json (date, command and
-    `extra`); the checkpoints are removed. Returns the metrics."""
+    config.json, metrics.json, curves.png, log.txt and run.json (date and command);
+    the checkpoints are removed. Returns the metrics."""
     from cnnjax.trainer import fit, write_json
 
     if run_dir.exists():
@@ -45,8 +45,7 @@ def train_run(config, data, run_dir: Path, command: str, **extra) -> dict:
     metrics = fit(config, data, run_dir, log=log)
     (run_dir / "log.txt").write_text("\n".join(log_lines) + "\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    write_json(run_dir / "run.json", {"date": time.strftime("%Y-%m-%d"), "command": command,
-                                      **extra})
+    write_json(run_dir / "run.json", {"date": time.strftime("%Y-%m-%d"), "command": command})
     return metrics
 
 
@@ -64,9 +63,3 @@ def load_runs(directory: Path) -> list[dict]:
                      "metrics": metrics,
                      "run": json.loads(run_file.read_text()) if run_file.is_file() else {}})
     return runs
-
-
-def examples_per_sec(metrics: dict) -> float:
-    """Training examples per second over all epochs, as `train_ch6` reports it."""
-    epochs = metrics["epochs"]
-    return sum(e["train_examples"] for e in epochs) / sum(e["train_seconds"] for e in epochs)

@@ -30,8 +30,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from experiments.cli import ArgumentParser, UsageError, fail, parser_for, positive_int
-from experiments.run import EXIT_DIVERGED
+from experiments.cli import (EXIT_DIVERGED, ArgumentParser, UsageError, fail, parser_for,
+                             positive_int)
 
 # The notes' table, in its order, then the two LeNets it leaves out.
 ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18", "densenet",
@@ -127,7 +127,7 @@ def _sort_key(run: dict):
 
 
 def write_report(path: Path, runs: list[dict], header: list[str]) -> None:
-    from experiments.experiment import examples_per_sec
+    from cnnjax.trainer import examples_per_sec
 
     lines = header + ["", "| network | recipe | kind | settings | notes: loss / train / test / "
                           "ex/s | ours: loss / train / test / ex/s | test acc, ours - notes "

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from experiments.cli import (
+    EXIT_DIVERGED,
     ArgumentParser,
     UsageError,
     check_devices,
@@ -40,7 +41,6 @@ from experiments.cli import (
     positive_int,
 )
 
-EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 FULL_TRAIN_SIZE = 60_000
 
