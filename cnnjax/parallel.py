@@ -11,7 +11,9 @@ math as one (up to the order of floating-point additions).
 Several hosts: `setup_devices` joins the cluster before anything
 else touches JAX. Every host then holds the same data and draws the same batch
 indices from the same key; each device gathers only its own slice of the global
-batch, so each host feeds its part of it.
+batch, so each host feeds its part of it. Steps that touch shared files run on
+process 0 first (`primary_first`); only process 0 writes logs and metrics. Tested
+as a two-process cluster on one machine (tests/test_parallel.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
+T = TypeVar("T")
+
+
+class PrimaryFailed(Exception):
+    """Process 0 failed at a step the other processes wait for (it reports why)."""
 
 
 def in_cluster() -> bool:
@@ -70,6 +78,40 @@ def setup_devices() -> None:
         if xla_bridge.backends_are_initialized():
             raise RuntimeError("setup_devices() must run before anything uses JAX's devices")
         os.environ["NPROC"] = str(2 * int(simulated.group(1)) + (os.cpu_count() or 1))
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes files and prints (always true
+    on one host)."""
+    return jax.process_index() == 0
+
+
+def primary_first(work: Callable[[], T], others: Callable[[], T] | None = None) -> T:
+    """Run `work` on process 0, then, once it has returned, `others` (default: `work`)
+    on the other processes: for steps that touch shared files, such as preparing
+    the data set or the output directory. On one host this is just `work()`.
+
+    If `work` raises on process 0, it raises there and the other processes raise
+    `PrimaryFailed` instead of waiting forever.
+    """
+    if jax.process_count() == 1:
+        return work()
+    from jax.experimental import multihost_utils
+
+    def tell_others(ok: bool) -> bool:
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+    if is_primary():
+        try:
+            result = work()
+        except BaseException:
+            tell_others(False)
+            raise
+        tell_others(True)
+        return result
+    if not tell_others(True):
+        raise PrimaryFailed("process 0 stopped; its output says why")
+    return (others or work)()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,14 +68,31 @@ def write_json(path: Path, obj) -> None:
 
 
 class _StopOnSigint:
-    """While active, Ctrl-C sets a flag that the loop checks between steps."""
+    """While active, Ctrl-C sets a flag that the loop checks between steps.
 
-    def __init__(self):
+    With several hosts, the signal may reach the processes at different steps (or
+    reach only one), while a checkpoint save is a collective that all must join.
+    There `stop_now` asks every process every `every` steps whether any of them
+    was interrupted, so that all stop at the same step, save together and exit.
+    """
+
+    def __init__(self, every: int):
         self.requested = False
+        self.every = every
+        self.processes = jax.process_count()
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
+
+    def stop_now(self, step: int) -> bool:
+        if self.processes == 1:
+            return self.requested
+        if step % self.every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
     def _handle(self, signum, frame):
         if self.requested:  # A second Ctrl-C: stop at once.
@@ -146,6 +163,11 @@ class Prepared:
         return cls(config, parallel, state, totals, num_train, num_test, steps_per_epoch,
                    compile_seconds, compiled_train, compiled_eval, arrays, shuffle_key)
 
+    def zero_totals(self) -> Totals:
+        """Fresh running totals, replicated over the mesh like the state (with several
+        hosts, a host-local array could be neither stepped on nor checkpointed)."""
+        return self.parallel.replicate(zero_totals())
+
     def epoch_batches(self, epoch: int) -> jax.Array:
         """Epoch `epoch`'s shuffled (steps_per_epoch, batch_size) index table, split
         over the devices along the batch axis."""
@@ -215,16 +237,17 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
         checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
                                          "history": metrics["epochs"]})
 
-    with _StopOnSigint() as sigint:
+    with _StopOnSigint(every=refresh_every) as sigint:
         for epoch in range(start_epoch, config.epochs):
             batches = run.epoch_batches(epoch)
             first = start_batch if epoch == start_epoch else 0
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
                        unit="step", leave=False, dynamic_ncols=True,
-                       disable=(not sys.stderr.isatty()) if progress is None else not progress)
+                       disable=not writer or ((not sys.stderr.isatty()) if progress is None
+                                              else not progress))
             epoch_start = time.perf_counter()
             for batch in range(first, steps_per_epoch):
-                if sigint.requested:
+                if sigint.stop_now(batch):
                     bar.close()
                     save(epoch, batch)
                     checkpoints.wait()
@@ -257,7 +280,7 @@ def fit(config: TrainConfig, data: FashionMNIST, out_dir: str | Path, *,
                 "train_examples": (steps_per_epoch - first) * config.batch_size,
                 "train_seconds": train_seconds,
             })
-            totals = zero_totals()
+            totals = run.zero_totals()
             save(epoch + 1, 0)
             if writer:
                 write_json(out_dir / "metrics.json", metrics)

@@ -13,7 +13,8 @@ config.json, metrics.json, curves.png and a checkpoint per epoch into --out.
 Training is data parallel over all devices (a Colab TPU's 8 cores, every GPU);
 --batch-size is the global batch. Launched as one process per host of a cluster
 (Cloud TPU pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set), the processes
-join with jax.distributed.initialize() and train together.
+join with jax.distributed.initialize() and train together; there --out must be a
+directory every host sees, and only process 0 writes into it and prints.
 
 Exit codes: 0 done, 2 bad input (one line says what and how to fix it),
 3 the loss diverged, 130 interrupted with Ctrl-C (resume with --resume).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -154,7 +156,12 @@ def check_arch(arch: str | None) -> None:
 
 def validate(config, args) -> None:
     """The checks that need no data, before anything is written."""
+    import jax
+
     check_devices(config.batch_size, args.devices)
+    if jax.process_count() > 1 and not (args.out or args.resume):
+        raise UsageError(f"--out is required when training on {jax.process_count()} hosts: "
+                         "a directory that every host sees (a shared file system)")
 
     available = min(config.max_train or FULL_TRAIN_SIZE, FULL_TRAIN_SIZE)
     if config.batch_size > available:
@@ -207,16 +214,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config, args, prog: str) -> int:
+    import jax
+
     from cnnjax.checkpoint import CheckpointError
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
+    from cnnjax.parallel import PrimaryFailed, is_primary, primary_first
     from cnnjax.trainer import Diverged, Interrupted, book_summary, fit
 
+    # With several hosts, process 0 prepares the data set and the output directory
+    # (shared files) while the others wait, then they read what it made.
     try:
-        data = load_fashion_mnist(args.data_dir, max_train=config.max_train,
-                                  max_test=config.max_test)
+        data = primary_first(lambda: load_fashion_mnist(
+            args.data_dir, max_train=config.max_train, max_test=config.max_test))
+        out = primary_first(lambda: prepare_out_dir(config, args),
+                            others=lambda: Path(args.resume or args.out))
     except DataUnavailableError as err:
         return fail(prog, str(err))
-    out = prepare_out_dir(config, args)
+    except PrimaryFailed as err:
+        return fail(prog, f"process {jax.process_index()}: {err}")
     resume_hint = f"python -m experiments.run --resume {out}"
     try:
         metrics = fit(config, data, out, resume=bool(args.resume), num_devices=args.devices,
@@ -224,6 +239,16 @@ def train(config, args, prog: str) -> int:
     except Interrupted as err:
         print(f"{prog}: interrupted ({err}); checkpoint saved. Resume with: {resume_hint}",
               file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"{prog}: interrupted at once; resume from the newest checkpoint with: "
+              f"{resume_hint}", file=sys.stderr)
+        if jax.process_count() > 1:
+            # A normal exit would wait at JAX's shutdown barrier for processes that
+            # are still stepping; they stop with an error once this one is gone.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except CheckpointError as err:
         return fail(prog, f"--resume {out}: {err}")
@@ -236,8 +261,9 @@ def train(config, args, prog: str) -> int:
                               f"--batch-size {config.batch_size} at {config.resize}x"
                               f"{config.resize}; try a smaller --batch-size")
         raise
-    print(book_summary(metrics))
-    print(f"wrote {out}/metrics.json, {out}/curves.png and checkpoints")
+    if is_primary():
+        print(book_summary(metrics))
+        print(f"wrote {out}/metrics.json, {out}/curves.png and checkpoints")
     return 0
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +83,90 @@ def test_state_is_replicated_and_batches_split(tmp_path):
         assert "all-reduce" in text and "all-gather" not in text
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2
+                  ) -> list[subprocess.Popen]:
+    """Start `python -m experiments.run ARGS` as a cluster of `processes` processes on
+    this machine, each with `devices_each` CPU devices, joined through a coordinator
+    address as on real hosts (JAX's CPU collectives between processes use gloo)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = []
+    for rank in range(processes):
+        env = {**os.environ, "PYTHONPATH": str(ROOT),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(rank)}
+        started.append(subprocess.Popen([sys.executable, "-m", "experiments.run", *args],
+                                        cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+    return started
+
+
+def finish(started: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    finished = []
+    for proc in started:
+        stdout, stderr = proc.communicate(timeout=600)
+        finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return finished
+
+
+def our_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("python -m experiments.run")]
+
+
+def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
+    # Two processes with two devices each, as two hosts would run them, sharing the
+    # output directory: 3 epochs of 100 steps, with Ctrl-C sent to process 0 alone
+    # after epoch 1, then resumed; against the same run on one device. At the
+    # recipe's lr of 1.0 with batch 64, 600 steps amplify the different order of
+    # float32 additions to ~2e-4 (as between 1 and 4 devices in one process);
+    # at lr 0.3 the runs agree to ~1e-6.
+    common = ["--arch", "lenet_bn", "--batch-size", "64", "--lr", "0.3",
+              "--max-train", "6400", "--max-test", "512", "--epochs", "3",
+              "--data-dir", fashion_mnist_dir, "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "experiments.run", *common,
+                          "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    out = tmp_path / "cluster"
+    started = start_cluster([*common, "--out", str(out)])
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started[0].send_signal(signal.SIGINT)  # epoch 1 is done
+    host0, host1 = finish(started)
+    # Both stop at the same step (the processes agree every 100 steps) and save it.
+    assert (host0.returncode, host1.returncode) == (130, 130), host0.stderr[-3000:]
+    stops = [our_lines(proc.stderr) for proc in (host0, host1)]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    assert re.search(r"interrupted \(stopped at epoch [23], batch 0\); "
+                     r"checkpoint saved", stops[0][0]), stops[0][0]
+
+    host0, host1 = finish(start_cluster(["--resume", str(out)]))
+    assert (host0.returncode, host1.returncode) == (0, 0), host0.stderr[-3000:]
+    assert "resumed from" in host0.stdout and "wrote" in host0.stdout
+    assert not re.search("resumed|epoch|loss|wrote", host1.stdout)  # only process 0 prints
+    single, cluster = (json.loads((tmp_path / name / "metrics.json").read_text())
+                       for name in ("one", "cluster"))
+    assert (cluster["process_count"], cluster["device_count"]) == (2, 4)
+    assert len(cluster["epochs"]) == 3
+    for a, b in zip(single["epochs"], cluster["epochs"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        assert abs(a["test_acc"] - b["test_acc"]) <= 2 / 512
+    assert single["epochs"][-1]["train_loss"] < 0.7  # it learned (chance is 2.3)
+
+    # A failure on process 0 (here: --out is taken) stops the others too, each with
+    # one line, instead of leaving them waiting.
+    host0, host1 = finish(start_cluster([*common, "--out", str(out)], devices_each=1))
+    assert (host0.returncode, host1.returncode) == (2, 2)
+    for proc, message in ((host0, "already holds files"), (host1, "process 1: process 0 stopped")):
+        lines = our_lines(proc.stderr)
+        assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
