@@ -20,7 +20,7 @@ schedule after one epoch of warm-up, random crops and flips (cnnjax.models.recip
 
 --quick trains the LeNet family with the full recipe and the larger networks for 2
 epochs on 2,048 training and 1,000 test images, most at a smaller input size. Those rows
-show that the pipeline runs and learns, not the notes' accuracy.
+show that the pipeline runs, not the notes' accuracy (see QUICK_CAVEAT).
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ QUICK_RESIZE = {"alexnet": 96, "vgg11": 64, "nin": 96, "googlenet": 64, "resnet1
                 "densenet": 64}
 QUICK_SUBSET = {"epochs": 2, "max_train": 2048, "max_test": 1000}
 _REFERENCE_NAMES = {"vgg11": "vgg11 (ratio 4)"}
+QUICK_CAVEAT = (
+    "Quick rows take a few dozen SGD steps. That is too few for the plain-SGD recipes "
+    "of the networks without batch norm to leave the initial plateau (loss 2.30, "
+    "chance accuracy). The networks with batch norm fit the training subset, but "
+    "their test accuracy uses the moving statistics: after 16 steps these still hold "
+    "19% of their initial values (mean 0, variance 1; Flax's momentum 0.9 keeps 0.9^16 "
+    "of them), and the rest comes from batches seen while the weights changed fast. "
+    "So the test accuracy can be far below the train accuracy; "
+    "docs/runs/probes/quick_bn_stats.py scores the test set with each batch's own "
+    "statistics instead.")
 
 
 def build_parser() -> ArgumentParser:
@@ -148,6 +158,8 @@ def write_report(path: Path, runs: list[dict], header: list[str]) -> None:
     lines += ["", "The notes measured examples/sec on CUDA GPUs they do not name; ours are on "
                   "the device above, so compare those only between runs on one device. The "
                   "notes' figures are for their (classic) recipe, also in the modern rows.",
+              *(["", QUICK_CAVEAT] if any(not is_full_recipe(r["config"]) for r in runs)
+                else []),
               "", "![test accuracy of every run](test_acc.png)", ""]
     path.write_text("\n".join(lines))
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments import reproduce
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_pat
     report = (tmp_path / "cpu" / "REPORT.md").read_text()
     assert ("**quick** (not the full recipe; settings in each row): lenet_bn_scratch-quick, "
             "lenet_bn_scratch-modern-quick") in report
+    assert reproduce.QUICK_CAVEAT in report  # what quick rows can and cannot show
     classic, modern = [line for line in report.splitlines()
                        if line.startswith("| [`lenet_bn_scratch`]")]
     # The notes' figures (note 001) beside ours.
