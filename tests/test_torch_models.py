@@ -59,3 +59,13 @@ def test_time_training_notes_smoke():
     assert len(result["window_img_per_s"]) == 2 and result["img_per_s"] > 0
     assert result["flavour"] == "notes" and result["compiled"] is False
     assert math.isfinite(result["final_loss"])
+
+
+def test_time_training_tuned_compiles_and_trains():
+    # The GPU flavour (channels-last, bf16 autocast, torch.compile), run on the CPU so
+    # that its code path is checked before a GPU session spends device time on it.
+    result = torch_models.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
+                                        flavour="tuned", device="cpu", windows=1,
+                                        steps_per_window=2, warmup_steps=1)
+    assert result["flavour"] == "tuned" and result["compiled"] is True
+    assert result["img_per_s"] > 0 and math.isfinite(result["final_loss"])
