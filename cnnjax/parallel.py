@@ -114,6 +114,16 @@ def primary_first(work: Callable[[], T], others: Callable[[], T] | None = None) 
     return (others or work)()
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process must call
+    it at the same point; on one host it is just `flag`)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """A 1-D 'data' mesh and the two ways an array is laid out over it."""

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from cnnjax.checkpoint import CheckpointError, Checkpoints
 from cnnjax.data import FashionMNIST, eval_batch_indices, train_batch_indices
-from cnnjax.parallel import DataParallel
+from cnnjax.parallel import DataParallel, any_process
 from cnnjax.plots import plot_curves
 from cnnjax.train import (
     Totals,
@@ -88,11 +88,7 @@ class _StopOnSigint:
     def stop_now(self, step: int) -> bool:
         if self.processes == 1:
             return self.requested
-        if step % self.every:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+        return step % self.every == 0 and any_process(self.requested)
 
     def _handle(self, signum, frame):
         if self.requested:  # A second Ctrl-C: stop at once.
