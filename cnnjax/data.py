@@ -7,6 +7,12 @@ four official files as usual. Without it, the same files come from Debian's
 original file name, so we restore that header into a ``manual_dir`` and TFDS's
 registered checksums pass unchanged (verification is never switched off).
 
+TFDS needs TensorFlow to prepare the data set, not to read it: we prepare it
+in TFDS's ``array_record`` format and read it with ``tfds.data_source``, so a
+machine without TensorFlow can train on a prepared copy (``data_dir``). Data
+prepared by TFDS's default TFRecord format (earlier cnnjax, other programs) is
+still read, through ``tf.data``.
+
 The whole data set fits in memory (about 55 MB as ``uint8``), so it is loaded
 once as numpy arrays; batches are then gathered by index on the device and
 scaled (and, for the bigger networks, resized) by :func:`preprocess` inside
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import struct
 import tempfile
@@ -27,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+# TFDS's random-access file format, read by `tfds.data_source` without TensorFlow.
+ARRAY_RECORD = "array_record"
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -102,49 +111,93 @@ def load_fashion_mnist(
 
     ``data_dir`` is where TFDS keeps the prepared data set (``None``: TFDS's
     default, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``). Preparing happens
-    once; later calls only read. If Debian's files are in ``debian_dir`` they
+    once, needs TensorFlow, and writes the ``array_record`` format; later calls
+    only read, without TensorFlow. If Debian's files are in ``debian_dir`` they
     are used (no network needed), otherwise TFDS downloads the official files.
     ``max_train`` / ``max_test`` keep only the first N examples of each split.
 
     Raises:
-      DataUnavailableError: neither a download nor Debian's files worked.
+      DataUnavailableError: neither a download nor Debian's files worked, or
+        the data set is not prepared and TensorFlow is not installed.
       DataCorruptError: the files fail TFDS's checksums.
     """
     tfds = _import_tensorflow_datasets()
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if not builder.is_prepared():
         _prepare(builder, tfds, Path(debian_dir))
+    if ARRAY_RECORD in {f.value for f in builder.info.available_file_formats()}:
+        read = functools.partial(_read_with_data_source, builder)
+    else:
+        read = functools.partial(_read_with_tf_data, builder, tfds)
 
     def split(name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-        spec = name if limit is None else f"{name}[:{limit}]"
-        # Finite batches, not batch_size=-1: that one relies on the split's recorded
-        # size, which mocked data (tfds.testing.mock_data) lacks.
-        ds = builder.as_dataset(split=spec, batch_size=10_000, as_supervised=True)
-        images, labels = zip(*tfds.as_numpy(ds))
-        return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+        return read(name if limit is None else f"{name}[:{limit}]")
 
     train_images, train_labels = split("train", max_train)
     test_images, test_labels = split("test", max_test)
     return FashionMNIST(train_images, train_labels, test_images, test_labels)
 
 
+
+def _read_with_data_source(builder, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split of ``array_record`` files by index: numpy only, no TensorFlow."""
+    source = builder.as_data_source(split=spec)
+    examples = source.__getitems__(range(len(source)))
+    images = np.stack([example["image"] for example in examples])
+    labels = np.array([example["label"] for example in examples])
+    return images.astype(np.uint8), labels.astype(np.int32)
+
+
+def _read_with_tf_data(builder, tfds, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split of TFRecord files (TFDS's default format) through ``tf.data``."""
+    _import_tensorflow(why=f"reading the TFRecord files in {builder.data_dir}")
+    # Finite batches, not batch_size=-1: that one relies on the split's recorded
+    # size, which mocked data (tfds.testing.mock_data) lacks.
+    ds = builder.as_dataset(split=spec, batch_size=10_000, as_supervised=True)
+    images, labels = zip(*tfds.as_numpy(ds))
+    return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+
+
+class _DropTFDSWarnings(logging.Filter):
+    """TFDS warns through absl about what is normal here (an unprepared folder, no OpenCV)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
 def _import_tensorflow_datasets():
-    """Import TF and TFDS only when data is loaded, and keep TF off the GPU."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Must precede the import.
-    import tensorflow as tf
+    """Import TFDS only when data is loaded; it imports TensorFlow only when it must."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # In case TF comes in later.
     import tensorflow_datasets as tfds
 
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropTFDSWarnings) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropTFDSWarnings())
+    return tfds
+
+
+def _import_tensorflow(why: str):
+    """Import TensorFlow, quiet and kept off the GPU, or say in one line that it is missing."""
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise DataUnavailableError(
+            f"{why} needs TensorFlow, which is not installed: `pip install tensorflow`, "
+            "or prepare the data set on a machine that has it and copy its "
+            "fashion_mnist folder into the data dir here"
+        ) from err
     tf.get_logger().setLevel("ERROR")
     try:
         # TF only reads files here; the accelerator's memory belongs to JAX.
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TF was already initialised by the caller; leave it.
         pass
-    return tfds
+    return tf
 
 
 def _prepare(builder, tfds, debian_dir: Path) -> None:
-    """Run TFDS's ``download_and_prepare`` from Debian's files or from the internet."""
+    """Run TFDS's ``download_and_prepare`` (``array_record``) from Debian's files or the internet."""
+    _import_tensorflow(why=f"preparing Fashion-MNIST in {builder.data_dir_root}")
     import requests  # A TFDS dependency; its errors are how a failed download shows.
     from tensorflow_datasets.core.download.download_manager import (
         NonMatchingChecksumError,
@@ -157,7 +210,9 @@ def _prepare(builder, tfds, debian_dir: Path) -> None:
             config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             try:
                 # download_dir in tmp too: TFDS's extracted copies are not needed afterwards.
-                builder.download_and_prepare(download_dir=tmp, download_config=config)
+                builder.download_and_prepare(
+                    download_dir=tmp, download_config=config, file_format=ARRAY_RECORD
+                )
             except NonMatchingChecksumError as err:
                 raise DataCorruptError(
                     f"Fashion-MNIST files in {debian_dir} do not match TFDS's registered "
@@ -172,7 +227,7 @@ def _prepare(builder, tfds, debian_dir: Path) -> None:
     url = next(iter(builder.url_infos))
     try:
         requests.head(url, timeout=10, allow_redirects=False)
-        builder.download_and_prepare()
+        builder.download_and_prepare(file_format=ARRAY_RECORD)
     except (requests.exceptions.RequestException, tfds.download.DownloadError) as err:
         raise DataUnavailableError(
             f"Fashion-MNIST is not prepared in {builder.data_dir_root}, cannot be downloaded "
