@@ -138,7 +138,6 @@ def load_fashion_mnist(
     return FashionMNIST(train_images, train_labels, test_images, test_labels)
 
 
-
 def _read_with_data_source(builder, spec: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a split of ``array_record`` files by index: numpy only, no TensorFlow."""
     source = builder.as_data_source(split=spec)

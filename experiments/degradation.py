@@ -2,7 +2,7 @@
 plain network train worse, while a deeper residual network trains better?
 
     python -m experiments.degradation            # 20 epochs, all 60,000 images (a GPU)
-    python -m experiments.degradation --quick    # 8 epochs on 10,000 images (~45 min, 2 CPU cores)
+    python -m experiments.degradation --quick    # 8 epochs on 6,400 images (~30 min, 2 CPU cores)
 
 He et al. (2016) found that a 56-layer plain network reaches a higher training
 error than a 20-layer one, although it could copy the shallower net and add
@@ -27,7 +27,7 @@ from pathlib import Path
 from experiments.cli import ArgumentParser, fail, parser_for, positive_int
 
 NETWORKS = ("plain20", "plain56", "resnet20", "resnet56")
-QUICK = {"epochs": 8, "max_train": 10_000, "max_test": 2_000}
+QUICK = {"epochs": 8, "max_train": 6_400, "max_test": 2_000}
 
 
 def build_parser() -> ArgumentParser:
@@ -35,13 +35,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['epochs']} epochs on the first {QUICK['max_train']:,} "
                              f"training and {QUICK['max_test']:,} test images (fits a "
-                             "2-core CPU in about 45 minutes)")
+                             "2-core CPU in about 30 minutes)")
     parser.add_argument("--epochs", type=positive_int,
                         help="epochs per network (default 20; --quick: 8)")
     parser.add_argument("--max-train", type=positive_int, metavar="N",
-                        help="train on the first N images (default all; --quick: 10,000)")
+                        help="train on the first N images (default all; --quick: "
+                             f"{QUICK['max_train']:,})")
     parser.add_argument("--max-test", type=positive_int, metavar="N",
-                        help="test on the first N images (default all; --quick: 2,000)")
+                        help="test on the first N images (default all; --quick: "
+                             f"{QUICK['max_test']:,})")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
                         metavar="NAME", help=f"networks to train (default: {' '.join(NETWORKS)})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
