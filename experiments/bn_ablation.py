@@ -29,6 +29,7 @@ from experiments.cli import (
     positive_float,
     positive_int,
 )
+from experiments.experiment import CONTINUE_HELP
 
 NETWORKS = ("lenet", "lenet_bn_scratch", "lenet_bn")
 LABELS = {"lenet": "no BN", "lenet_bn_scratch": "from-scratch BN", "lenet_bn": "flax BN"}
@@ -53,6 +54,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-test", type=positive_int, metavar="N",
                         help="test on the first N images only (the report says so)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help=CONTINUE_HELP)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="results/<device-kind>/bn_ablation/ goes here (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")
@@ -141,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
     from cnnjax.parallel import setup_devices
     from cnnjax.train import TrainConfig
-    from cnnjax.trainer import Diverged, describe_device, write_json
-    from experiments.experiment import command_line, device_kind, train_run
+    from cnnjax.trainer import Diverged, Interrupted, describe_device, write_json
+    from experiments.experiment import command_line, device_kind, interrupted, train_run
 
     setup_devices()
     try:
@@ -154,17 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = command_line("experiments.bn_ablation", argv)
     results = {}
-    for arch in args.networks:
-        for lr in lrs:
-            config = TrainConfig.from_recipe(arch, lr=lr, epochs=args.epochs, seed=args.seed,
-                                             max_train=args.max_train, max_test=args.max_test)
-            print(f"== {arch} at lr {lr:g}", flush=True)
-            try:
-                metrics = train_run(config, data, out / run_name(arch, lr), command)
-                results[(arch, lr)] = {"epochs": metrics["epochs"]}
-            except Diverged as err:
-                print(f"diverged: {err}", flush=True)
-                results[(arch, lr)] = {"diverged": str(err), "epochs": []}
+    try:
+        for arch in args.networks:
+            for lr in lrs:
+                config = TrainConfig.from_recipe(arch, lr=lr, epochs=args.epochs, seed=args.seed,
+                                                 max_train=args.max_train,
+                                                 max_test=args.max_test)
+                print(f"== {arch} at lr {lr:g}", flush=True)
+                try:
+                    metrics = train_run(config, data, out / run_name(arch, lr), command,
+                                        continue_=args.continue_)
+                    results[(arch, lr)] = {"epochs": metrics["epochs"]}
+                except Diverged as err:
+                    print(f"diverged: {err}", flush=True)
+                    results[(arch, lr)] = {"diverged": str(err), "epochs": []}
+    except (Interrupted, KeyboardInterrupt) as err:
+        return interrupted(parser.prog, err, command)
 
     best = best_lrs(results)
     subset = (f"; **subset**: {args.max_train or 'all'} train / {args.max_test or 'all'} "

@@ -8,6 +8,7 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # the training loss stopped being finite
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the checkpoint is saved
 
 
 class UsageError(Exception):

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import ArgumentParser, fail, parser_for, positive_int
+from experiments.cli import EXIT_DIVERGED, ArgumentParser, fail, parser_for, positive_int
+from experiments.experiment import CONTINUE_HELP
 
 NETWORKS = ("plain20", "plain56", "resnet20", "resnet56")
 QUICK = {"epochs": 8, "max_train": 6_400, "max_test": 2_000}
@@ -47,6 +48,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
                         metavar="NAME", help=f"networks to train (default: {' '.join(NETWORKS)})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help=CONTINUE_HELP)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="results/<device-kind>/degradation/ goes here (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")
@@ -114,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
     from cnnjax.parallel import setup_devices
     from cnnjax.train import TrainConfig, build_model
-    from cnnjax.trainer import describe_device, write_json
-    from experiments.experiment import command_line, device_kind, train_run
+    from cnnjax.trainer import Diverged, Interrupted, describe_device, write_json
+    from experiments.experiment import command_line, device_kind, interrupted, train_run
 
     setup_devices()
     try:
@@ -127,16 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = command_line("experiments.degradation", argv)
     results, rows = {}, []
-    for arch in args.networks:
-        config = TrainConfig.from_recipe(arch, seed=args.seed, **settings)
-        print(f"== {arch}: {models.describe(arch)}", flush=True)
-        metrics = train_run(config, data, out / arch, command)
-        results[arch] = metrics["epochs"]
-        num_params = sum(b.num_params for b in models.block_infos(build_model(config), 28))
-        train_error, test_error = final_errors(metrics["epochs"])
-        rows.append({"arch": arch, "params": num_params,
-                     "final_train_error": train_error, "final_test_error": test_error,
-                     "best_test_error": 1 - max(e["test_acc"] for e in metrics["epochs"])})
+    try:
+        for arch in args.networks:
+            config = TrainConfig.from_recipe(arch, seed=args.seed, **settings)
+            print(f"== {arch}: {models.describe(arch)}", flush=True)
+            try:
+                metrics = train_run(config, data, out / arch, command,
+                                    continue_=args.continue_)
+            except Diverged as err:
+                return fail(parser.prog, f"{arch}: {err}; no report written", EXIT_DIVERGED)
+            results[arch] = metrics["epochs"]
+            num_params = sum(b.num_params for b in models.block_infos(build_model(config), 28))
+            train_error, test_error = final_errors(metrics["epochs"])
+            rows.append({"arch": arch, "params": num_params,
+                         "final_train_error": train_error, "final_test_error": test_error,
+                         "best_test_error": 1 - max(e["test_acc"] for e in metrics["epochs"])})
+    except (Interrupted, KeyboardInterrupt) as err:
+        return interrupted(parser.prog, err, command)
 
     recipe = models.recipe(args.networks[0])
     subset = ("all" if not settings.get("max_train") else f"{settings['max_train']:,}")

@@ -7,7 +7,8 @@
 
 Each run goes into its own directory under results/<device-kind>/ (metrics.json,
 curves.png, config.json, log.txt, run.json), named <arch>[-modern][-quick], and
-replaces an earlier run of that name. REPORT.md is then rebuilt from every run
+replaces an earlier run of that name (with --continue, after a Ctrl-C: keeps a
+finished one and continues an interrupted one). REPORT.md is then rebuilt from every run
 there, this invocation's and earlier ones': per run the recipe and settings, the
 notes' loss, train acc, test acc and examples/sec (cnnjax/d2l_reference.json,
 copied from the notes), ours, and the difference in test accuracy; one figure with
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from experiments.cli import (EXIT_DIVERGED, ArgumentParser, UsageError, fail, parser_for,
                              positive_int)
+from experiments.experiment import CONTINUE_HELP
 
 # The notes' table, in its order, then the two LeNets it leaves out.
 ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18", "densenet",
@@ -73,6 +75,8 @@ def build_parser() -> ArgumentParser:
                         help="override: train on the first N images (the report says so)")
     parser.add_argument("--max-test", type=positive_int, metavar="N",
                         help="override: test on the first N images (the report says so)")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help=CONTINUE_HELP)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="where results/<device-kind>/ goes (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")
@@ -177,7 +181,8 @@ def plot_test_accuracy(runs: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if runs:  # none yet after a Ctrl-C in the first run
+        ax.legend(fontsize=7, ncol=2)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -229,26 +234,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnnjax.data import DataUnavailableError, load_fashion_mnist
     from cnnjax.parallel import setup_devices
-    from cnnjax.trainer import Diverged
-    from experiments.experiment import command_line, device_kind, train_run
+    from cnnjax.trainer import Diverged, Interrupted
+    from experiments.experiment import command_line, device_kind, interrupted, train_run
 
     setup_devices()
     out = Path(args.out) / device_kind()
     out.mkdir(parents=True, exist_ok=True)
     command = command_line("experiments.reproduce", argv)
     diverged = []
-    for config in configs:
-        try:
-            data = load_fashion_mnist(args.data_dir, max_train=config.max_train,
-                                      max_test=config.max_test)
-        except DataUnavailableError as err:
-            return fail(prog, str(err))
-        print(f"== {run_name(config)}: {settings(config)}", flush=True)
-        try:
-            train_run(config, data, out / run_name(config), command)
-        except Diverged as err:  # keep going; the other networks' rows still count
-            shutil.rmtree(out / run_name(config), ignore_errors=True)
-            diverged.append(f"{run_name(config)} ({err})")
+    try:
+        for config in configs:
+            try:
+                data = load_fashion_mnist(args.data_dir, max_train=config.max_train,
+                                          max_test=config.max_test)
+            except DataUnavailableError as err:
+                return fail(prog, str(err))
+            print(f"== {run_name(config)}: {settings(config)}", flush=True)
+            try:
+                train_run(config, data, out / run_name(config), command,
+                          continue_=args.continue_)
+            except Diverged as err:  # keep going; the other networks' rows still count
+                shutil.rmtree(out / run_name(config), ignore_errors=True)
+                diverged.append(f"{run_name(config)} ({err})")
+    except (Interrupted, KeyboardInterrupt) as err:
+        build_report(out)  # with the runs finished so far
+        return interrupted(prog, err, command)
     build_report(out)
     print(f"wrote {out}/REPORT.md")
     if diverged:

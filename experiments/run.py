@@ -33,6 +33,7 @@ from pathlib import Path
 
 from experiments.cli import (
     EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
     ArgumentParser,
     UsageError,
     check_devices,
@@ -43,7 +44,6 @@ from experiments.cli import (
     positive_int,
 )
 
-EXIT_INTERRUPTED = 130
 FULL_TRAIN_SIZE = 60_000
 
 

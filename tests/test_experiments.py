@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,43 @@ def test_degradation_compares_plain_and_residual(fashion_mnist_dir, tmp_path):
             f"{plain_error:.2f}% (plain) to {residual_error:.2f}% (residual)") in report
     assert "56-layer" not in report
     assert (out / "degradation.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist_dir, tmp_path):
+    # Two runs (lr 0.3, then the notes' 1.0), 2 epochs of 78 steps each; Ctrl-C lands in
+    # the second run's second epoch.
+    args = ["--networks", "lenet_bn", "--lrs", "0.3", "--epochs", "2", "--max-train", "20000",
+            "--max-test", "500", "--data-dir", fashion_mnist_dir, "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.bn_ablation", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second_run = False
+    for line in proc.stdout:
+        second_run = second_run or line.startswith("== lenet_bn at lr 1")
+        if second_run and line.startswith("epoch 1/2:"):
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, stderr[-2000:]
+    (line,) = stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("python -m experiments.bn_ablation: interrupted (stopped at epoch 2")
+    assert line.endswith(" --continue")
+    out = tmp_path / "cpu" / "bn_ablation"
+    finished = (out / "lenet_bn-lr0.3" / "metrics.json").read_text()
+    assert not (out / "lenet_bn-lr1" / "run.json").exists()
+    assert not (out / "REPORT.md").exists()
+
+    proc = run_module("experiments.bn_ablation", *args, "--continue")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kept: " in proc.stdout and "resumed from " in proc.stdout
+    assert (out / "lenet_bn-lr0.3" / "metrics.json").read_text() == finished  # not retrained
+    resumed = json.loads((out / "lenet_bn-lr1" / "metrics.json").read_text())
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert "resumed from" in (out / "lenet_bn-lr1" / "log.txt").read_text()
+    assert not (out / "lenet_bn-lr1" / "checkpoints").exists()
+    assert "| [`lenet_bn`](lenet_bn-lr1/)" in (out / "REPORT.md").read_text()
 
 
 @pytest.mark.parametrize("module, args, message", [
