@@ -28,7 +28,7 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
 def train_run(config, data, run_dir: Path, command: str, *, continue_: bool = False,
               log=print) -> dict:
-    """Train `config` on `data` into a fresh `run_dir` and keep the numbers only:
+    """Train `config` on `data` into `run_dir` and keep the numbers only:
     config.json, metrics.json, curves.png, log.txt and run.json (date and command;
     written last, so it marks a finished run); the checkpoints are removed at the end.
 
