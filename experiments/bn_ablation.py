@@ -29,7 +29,7 @@ from experiments.cli import (
     positive_float,
     positive_int,
 )
-from experiments.experiment import CONTINUE_HELP
+from experiments.experiment import add_continue_flag
 
 NETWORKS = ("lenet", "lenet_bn_scratch", "lenet_bn")
 LABELS = {"lenet": "no BN", "lenet_bn_scratch": "from-scratch BN", "lenet_bn": "flax BN"}
@@ -54,8 +54,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-test", type=positive_int, metavar="N",
                         help="test on the first N images only (the report says so)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
-    parser.add_argument("--continue", dest="continue_", action="store_true",
-                        help=CONTINUE_HELP)
+    add_continue_flag(parser)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="results/<device-kind>/bn_ablation/ goes here (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")

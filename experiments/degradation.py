@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from experiments.cli import EXIT_DIVERGED, ArgumentParser, fail, parser_for, positive_int
-from experiments.experiment import CONTINUE_HELP
+from experiments.experiment import add_continue_flag
 
 NETWORKS = ("plain20", "plain56", "resnet20", "resnet56")
 QUICK = {"epochs": 8, "max_train": 6_400, "max_test": 2_000}
@@ -48,8 +48,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
                         metavar="NAME", help=f"networks to train (default: {' '.join(NETWORKS)})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
-    parser.add_argument("--continue", dest="continue_", action="store_true",
-                        help=CONTINUE_HELP)
+    add_continue_flag(parser)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="results/<device-kind>/degradation/ goes here (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")

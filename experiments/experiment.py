@@ -65,9 +65,12 @@ def train_run(config, data, run_dir: Path, command: str, *, continue_: bool = Fa
     return metrics
 
 
-CONTINUE_HELP = ("after a Ctrl-C: keep the runs that finished, continue the interrupted one "
-                 "from its checkpoint, and train the rest (without it, every run starts "
-                 "afresh)")
+def add_continue_flag(parser) -> None:
+    """The experiments' --continue flag (read as `args.continue_`, for `train_run`)."""
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help="after a Ctrl-C: keep the runs that finished, continue the "
+                             "interrupted one from its checkpoint, and train the rest "
+                             "(without it, every run starts afresh)")
 
 
 def _read_json(path: Path):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from experiments.cli import (EXIT_DIVERGED, ArgumentParser, UsageError, fail, parser_for,
                              positive_int)
-from experiments.experiment import CONTINUE_HELP
+from experiments.experiment import add_continue_flag
 
 # The notes' table, in its order, then the two LeNets it leaves out.
 ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18", "densenet",
@@ -75,8 +75,7 @@ def build_parser() -> ArgumentParser:
                         help="override: train on the first N images (the report says so)")
     parser.add_argument("--max-test", type=positive_int, metavar="N",
                         help="override: test on the first N images (the report says so)")
-    parser.add_argument("--continue", dest="continue_", action="store_true",
-                        help=CONTINUE_HELP)
+    add_continue_flag(parser)
     parser.add_argument("--out", metavar="DIR", default="results",
                         help="where results/<device-kind>/ goes (default: results)")
     parser.add_argument("--data-dir", metavar="DIR", help="TFDS data_dir (default: TFDS's)")

@@ -194,28 +194,31 @@ sys.meta_path = [_NoTensorFlow if f is importlib.machinery.PathFinder else f
 """
 
 
+def _run_without_tensorflow(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW + code],
+                          capture_output=True, text=True)
+
+
 def test_prepared_data_is_read_without_tensorflow(fashion_mnist_dir):
     # What a GPU box or container without TensorFlow does with a copied data dir.
-    code = _WITHOUT_TENSORFLOW + (
+    out = _run_without_tensorflow(
         "import importlib.util\n"
         "assert importlib.util.find_spec('tensorflow') is None\n"
         "from cnnjax import data\n"
         f"ds = data.load_fashion_mnist({fashion_mnist_dir!r}, max_train=100, max_test=10)\n"
         "print(ds.train_images.shape, ds.test_labels.shape, 'tensorflow' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "(100, 28, 28, 1) (10,) False"
 
 
 def test_preparing_without_tensorflow_is_one_line_and_exit_2(tmp_path, debian_dir):
-    code = _WITHOUT_TENSORFLOW + (
+    out = _run_without_tensorflow(
         "import runpy\n"
         "sys.argv = ['run', '--arch', 'lenet', '--epochs', '1', '--no-progress',\n"
         f"            '--data-dir', {str(tmp_path / 'tfds')!r}, '--out', {str(tmp_path / 'run')!r}]\n"
         "runpy.run_module('experiments.run', run_name='__main__')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     message = out.stderr.strip()  # TFDS's own warnings included: there should be none.
     assert "\n" not in message and message.startswith("python -m experiments.run: error: ")
