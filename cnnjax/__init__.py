@@ -4,6 +4,6 @@
 from-scratch pieces, `cnnjax.data` Fashion-MNIST through TFDS.
 """
 
-from cnnjax.parallel import avoid_known_xla_bugs as _avoid_known_xla_bugs
+from cnnjax.parallel import set_xla_cpu_flags as _set_xla_cpu_flags
 
-_avoid_known_xla_bugs()
+_set_xla_cpu_flags()

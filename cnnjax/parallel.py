@@ -47,16 +47,21 @@ def in_cluster() -> bool:
             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
 
 
-# jaxlib 0.11.2's CPU backend returns NaN for a bfloat16 max-pool followed by
-# dense layers (VGG's and AlexNet's head) when it fuses them with YNNPACK
-# (docs/bench/probes/ynn_bf16_nan.py). Emptying the list of YNN fusion types avoids
-# it. Older jaxlibs have no such fusion by default, and may not know the flag.
+# XLA:CPU hands some fusions (reductions, dots, element-wise chains) to YNNPACK. On
+# 2 cores our train steps run up to 2x faster without them (docs/benchmarks.md,
+# section 9), and jaxlib 0.11.2 miscompiles one of them: a bfloat16 max-pool followed
+# by dense layers (VGG's and AlexNet's head) returns NaN
+# (docs/bench/probes/ynn_bf16_nan.py). An empty list of YNN fusion types turns them
+# off. JAX 0.10 and 0.11 know the flag; older jaxlibs may not, and XLA aborts on an
+# unknown flag.
 YNN_FUSIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def avoid_known_xla_bugs() -> None:
-    """Set XLA_FLAGS around known XLA:CPU miscompilations; a no-op once JAX has
-    started its backends, or where XLA_FLAGS already names the flag concerned.
+def set_xla_cpu_flags() -> None:
+    """Turn XLA:CPU's YNNPACK fusions off (JAX 0.10 and later): faster on the CPU
+    and clear of a jaxlib 0.11 miscompilation. A no-op once JAX has started its
+    backends, or where XLA_FLAGS already names the flag, which leaves it to you.
+    GPUs and TPUs ignore it.
 
     `import cnnjax` calls it, so a notebook that imports cnnjax before running
     anything in JAX is covered; `setup_devices` calls it again.
@@ -64,7 +69,7 @@ def avoid_known_xla_bugs() -> None:
     from jax._src import xla_bridge
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if (jax.__version_info__ >= (0, 11) and "xla_cpu_experimental_ynn_fusion_type" not in flags
+    if (jax.__version_info__ >= (0, 10) and "xla_cpu_experimental_ynn_fusion_type" not in flags
             and not xla_bridge.backends_are_initialized()):
         os.environ["XLA_FLAGS"] = f"{flags} {YNN_FUSIONS_OFF}".strip()
 
@@ -76,7 +81,7 @@ def setup_devices() -> None:
       which finds the coordinator, process count and id in the environment (SLURM,
       Open MPI, Cloud TPU), or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
       JAX_PROCESS_ID set by hand.
-    - Keep XLA:CPU clear of the miscompilations `avoid_known_xla_bugs` knows.
+    - Set XLA:CPU's flags (`set_xla_cpu_flags`).
     - With several *simulated* CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
       how one tries data parallelism on a laptop), size XLA's CPU thread pool for
       them (the NPROC variable, which XLA's CPU client reads when it starts). By
@@ -85,7 +90,7 @@ def setup_devices() -> None:
       than devices the run can deadlock (seen with 8 devices on 2 cores within a few
       hundred steps). Blocked threads cost no CPU, so the pool gets 2N + cores.
     """
-    avoid_known_xla_bugs()
+    set_xla_cpu_flags()
     if in_cluster() and not jax.distributed.is_initialized():
         # JAX reads JAX_COORDINATOR_ADDRESS itself; for a cluster it cannot detect,
         # the process count and id come from these two variables.

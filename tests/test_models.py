@@ -311,3 +311,53 @@ def test_packaged_reference_matches_the_spec():
     assert reference.load()["runs"] == shared["runs"]
     shared_counts = {k: v for k, v in shared["parameter_counts"].items() if k != "about"}
     assert reference.load()["parameter_counts"] == shared_counts
+
+
+# --- the CPU path for one-channel inputs -----------------------------------------------
+
+@pytest.mark.parametrize("kernel_size, padding", [(5, 2), (5, 0), (3, 1)])
+def test_shifted_conv_matches_xla_convolution_and_its_gradients(kernel_size, padding):
+    from cnnjax.models.common import shifted_conv
+
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 6))
+    pads = ((padding, padding), (padding, padding))
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def shifted(x, kernel):
+        return shifted_conv(x, kernel, pads)
+
+    chex.assert_trees_all_close(jax.jit(shifted)(x, kernel), xla(x, kernel), atol=1e-5)
+    weights = jax.random.normal(jax.random.key(2), xla(x, kernel).shape)
+    grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1)))(
+        x, kernel) for f in (shifted, xla)]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-4)
+
+
+def test_one_channel_stride_1_convolutions_take_the_shifted_path_on_cpu():
+    from cnnjax.models.common import conv
+
+    def primitives(layer, channels):
+        x = jnp.ones((2, 10, 10, channels))
+        variables = layer.init(jax.random.key(0), x)
+        return str(jax.make_jaxpr(layer.apply)(variables, x))
+
+    assert jax.default_backend() == "cpu"
+    assert "custom_vjp_call" in primitives(conv(6, 5, padding=2), 1)
+    assert "conv_general_dilated" in primitives(conv(6, 5, padding=2), 3)  # several channels
+    assert "conv_general_dilated" in primitives(conv(6, 5, strides=2), 1)  # stride 2
+
+
+def test_shifted_conv_in_bfloat16_sums_in_float32():
+    from cnnjax.models.common import conv
+
+    layer = conv(6, 5, padding=2, dtype=jnp.bfloat16)
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    variables = layer.init(jax.random.key(1), x)
+    out = layer.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    reference_out = conv(6, 5, padding=2).apply(variables, x)
+    chex.assert_trees_all_close(out.astype(jnp.float32), reference_out, atol=0.05, rtol=0.02)

@@ -203,38 +203,42 @@ def test_cluster_detection(monkeypatch, env, expected):
     assert parallel.in_cluster() is expected
 
 
-def test_xla_bug_workaround_applies_on_import_and_respects_the_user():
-    # The jaxlib 0.11 bf16 NaN (docs/bench/probes/ynn_bf16_nan.py) cannot happen on
-    # CI's JAX, so this checks the decision: which versions, what the user set, and
-    # whether JAX has already started (then XLA_FLAGS would be read too late).
+def test_xla_cpu_flags_apply_on_import_and_respect_the_user():
+    # Checks the decision: which versions, what the user set, and whether JAX has
+    # already started (then XLA_FLAGS would be read too late). The jaxlib 0.11 bf16
+    # NaN it also avoids cannot happen on CI's JAX (docs/bench/probes/ynn_bf16_nan.py).
     code = textwrap.dedent("""
         import os, jax
         from jax._src import xla_bridge
         os.environ.pop("XLA_FLAGS", None)
         jax.__version_info__ = (0, 11, 2)
         import cnnjax
-        from cnnjax.parallel import avoid_known_xla_bugs
+        from cnnjax.parallel import set_xla_cpu_flags
         print(os.environ.get("XLA_FLAGS"))
         mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
         os.environ["XLA_FLAGS"] = mine
-        avoid_known_xla_bugs()
+        set_xla_cpu_flags()
         print(os.environ["XLA_FLAGS"] == mine)
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=true"
         jax.__version_info__ = (0, 10, 2)
-        avoid_known_xla_bugs()
+        set_xla_cpu_flags()
         print(os.environ["XLA_FLAGS"])
-        jax.__version_info__ = (0, 11, 2)
         os.environ["XLA_FLAGS"] = ""
+        jax.__version_info__ = (0, 9, 0)
+        set_xla_cpu_flags()
+        print(repr(os.environ["XLA_FLAGS"]))
+        jax.__version_info__ = (0, 11, 2)
         jax.devices()
-        avoid_known_xla_bugs()
+        set_xla_cpu_flags()
         print(repr(os.environ["XLA_FLAGS"]), xla_bridge.backends_are_initialized())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        parallel.YNN_FUSIONS_OFF,  # imported on 0.11: switched off
+        parallel.YNN_FUSIONS_OFF,  # imported: switched off
         "True",  # the user's own choice is kept
-        "--xla_cpu_multi_thread_eigen=true",  # 0.10: nothing added
+        f"--xla_cpu_multi_thread_eigen=true {parallel.YNN_FUSIONS_OFF}",  # 0.10: added
+        "''",  # before 0.10 the flag may not exist: nothing added
         "'' True",  # too late once the backend runs: nothing added
     ]
