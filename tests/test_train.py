@@ -68,7 +68,10 @@ def test_train_step_is_one_sgd_step_on_cross_entropy():
     np.testing.assert_allclose(float(totals["loss_sum"]), float(loss) * 8, rtol=1e-5)
     assert int(totals["correct"]) == int(np.sum(np.argmax(logits, -1) == y))
     assert int(totals["count"]) == 8 and int(new_state.step) == 1
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    # Eager and jitted steps round differently, by up to 2e-6 here: in the conv
+    # biases, whose exact gradient is 0 (batch norm removes them), and in the first
+    # conv's kernel. Each weight matrix's largest update is between 3e-3 and 0.16.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                            new_state.params, expected_params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            new_state.batch_stats, expected_stats)
