@@ -56,6 +56,7 @@ def _nhwc_conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(2,))  # called eagerly: one compile, not 75
 def shifted_conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
     """A stride-1 convolution of a one-channel input x (N, H, W, 1) with a kernel
     (kh, kw, 1, C), computed as the book's `corr2d` (d2l §6.2) computes it: the sum,
