@@ -11,7 +11,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from cnnjax.train import Totals, TrainState
+from cnnjax.steps import Totals, TrainState
 
 
 class CheckpointError(Exception):
@@ -78,7 +78,6 @@ class Checkpoints:
 def _state_tree(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state}
-
 
 
 def _ignore_abandoned_reads() -> Callable[[], None]:

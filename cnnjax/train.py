@@ -1,204 +1,345 @@
-"""Training and evaluation as the book's `train_ch6` does them, as pure JAX functions.
+"""A whole training run, as `train_and_evaluate(config, workdir)`: the data on the
+devices, the epoch loop, and what the run leaves in its directory (`RunDir`:
+config.json, run.json, metrics.json, curves.png, log.txt, checkpoints/).
 
-`train_ch6` trains with plain SGD on softmax cross-entropy, accumulates the loss and
-accuracy over each epoch, then measures test accuracy with the moving batch-norm
-statistics. Here the same happens in two jitted steps over a small `TrainState`:
-
-- `train_step` picks its batch from this epoch's shuffled index table (row
-  `step % num_batches`), gathers it from the whole training set (kept on the device
-  as uint8), scales and resizes it, takes one SGD step, and adds the batch's loss
-  and correct count to running totals that stay on the device;
-- `evaluate` runs `eval_step` over every test batch in one call: the forward pass
-  in eval mode, counting correct predictions and masking the padding of the last
-  batch so every test image counts once.
-
-Neither step knows about devices: given arrays sharded over a 'data' mesh
-(`cnnjax.parallel`), XLA splits the work and adds the collectives.
-
-Randomness is derived, not carried: epoch `e` shuffles with `fold_in(shuffle_key, e)`
-and step `s` drops out (and, with augmentation, crops and flips) with keys from
-`fold_in(rng_key, s)`, so a resumed run replays exactly what an uninterrupted one would.
-
-Two recipes: the classic one (`recipe="classic"`: the notes' plain SGD at a
-constant lr) and a modern one beyond the notes (`recipe="modern"`: momentum, weight
-decay, a cosine schedule with linear warm-up, random crops and flips on the
-device); `cnnjax.models.recipe(name, recipe)` gives each network's settings.
+The loop dispatches one jitted step per batch with the same arguments each time
+and never waits for the device, except where the progress bar reads the running
+totals (every `refresh_every` steps) and once at the end of each epoch. Training
+is data parallel over every device (or `num_devices` of them), see
+`cnnjax.parallel`; with several hosts, only process 0 writes files and logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
-from flax.training import train_state
+import numpy as np
+from tqdm.auto import tqdm
 
-from cnnjax import models
-from cnnjax.data import preprocess, random_crop_flip
+from cnnjax.checkpoint import CheckpointError, Checkpoints
+from cnnjax.config import TrainConfig
+from cnnjax.data import FashionMNIST, eval_batch_indices, load_fashion_mnist, train_batch_indices
+from cnnjax.parallel import DataParallel, any_process, is_primary, primary_first
+from cnnjax.plots import plot_curves
+from cnnjax.rundir import RunDir
+from cnnjax.steps import (
+    Totals,
+    TrainState,
+    build_model,
+    create_train_state,
+    evaluate,
+    train_step,
+    zero_totals,
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a run's numbers."""
+class Interrupted(Exception):
+    """Ctrl-C: the run stopped at a step boundary and saved a checkpoint."""
 
-    arch: str
-    epochs: int
-    lr: float
-    batch_size: int
-    resize: int
-    seed: int = 0
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    max_train: int | None = None
-    max_test: int | None = None
-    dtype: str = "float32"  # computation dtype of convs and matmuls ("bfloat16")
-    recipe: str = "classic"  # which recipe the defaults came from ("classic" or "modern")
-    schedule: str = "constant"  # lr schedule: "constant" or "cosine" (to 0, after warm-up)
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to `lr` (cosine schedule only)
-    augment: bool = False  # random crop (2-pixel padding) and horizontal flip per image
+
+class Diverged(Exception):
+    """The training loss stopped being finite."""
+
+
+def describe_device() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform} ({device.device_kind})"
+
+
+class _StopOnSigint:
+    """While active, Ctrl-C sets a flag that the loop checks between steps.
+
+    With several hosts, the signal may reach the processes at different steps (or
+    reach only one), while a checkpoint save is a collective that all must join.
+    There `stop_now` asks every process every `every` steps whether any of them
+    was interrupted, so that all stop at the same step, save together and exit.
+    """
+
+    def __init__(self, every: int):
+        self.requested = False
+        self.every = every
+        self.processes = jax.process_count()
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def stop_now(self, step: int) -> bool:
+        if self.processes == 1:
+            return self.requested
+        return step % self.every == 0 and any_process(self.requested)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # A second Ctrl-C: stop at once.
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run set up on the devices, shared by `train_and_evaluate` and the
+    benchmark: the data and
+    the initial state placed over the mesh, and both steps compiled ahead of time
+    (so compilation is timed on its own) with the arrays they always read bound."""
+
+    config: TrainConfig
+    parallel: DataParallel
+    state: TrainState
+    totals: Totals
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
+    compile_seconds: float
+    compiled_train: Any  # jax.stages.Compiled
+    compiled_eval: Any
+    arrays: dict[str, jax.Array]  # what the compiled steps read besides state and batches
+    _shuffle_key: jax.Array
 
     @classmethod
-    def from_recipe(cls, arch: str, recipe: str = "classic", **overrides: Any) -> TrainConfig:
-        """`recipe` ("classic": the notes'; or "modern") for `arch`, with the non-None
-        `overrides` applied."""
-        settings = models.recipe(arch, recipe)
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(arch=arch, recipe=recipe, **settings)
+    def create(cls, config: TrainConfig, data: FashionMNIST,
+               num_devices: int | None = None) -> Prepared:
+        num_train, num_test = len(data.train_labels), len(data.test_labels)
+        if config.batch_size > num_train:
+            raise ValueError(f"batch size {config.batch_size} is larger than the "
+                             f"{num_train} training examples")
+        parallel = DataParallel.create(num_devices)
+        if config.batch_size % parallel.num_devices:
+            raise ValueError(f"batch size {config.batch_size} is not divisible by the "
+                             f"{parallel.num_devices} devices")
+        steps_per_epoch = num_train // config.batch_size
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Everything the steps read stays on the devices for the whole run: the data
+        # and state replicated, the batch index tables split along the batch axis.
+        arrays = dict(zip(("train_images", "train_labels", "test_images", "test_labels"),
+                          parallel.replicate((data.train_images, data.train_labels,
+                                              data.test_images, data.test_labels))))
+        arrays["test_batches"], arrays["test_masks"] = parallel.shard_batches(
+            eval_batch_indices(num_test, config.batch_size))
+        shuffle_key, rng_key, init_key = jax.random.split(jax.random.key(config.seed), 3)
+        arrays["rng_key"] = jax.random.wrap_key_data(
+            parallel.replicate(jax.random.key_data(rng_key)))
+        state = create_train_state(config, build_model(config), init_key, parallel.replicated,
+                                   steps_per_epoch)
+        totals = parallel.replicate(zero_totals())
 
+        started = time.perf_counter()
+        batches = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32,
+                                       sharding=parallel.batch_sharding(2, 1))
+        compiled_train = train_step.lower(
+            state, totals, arrays["train_images"], arrays["train_labels"], batches,
+            arrays["rng_key"], resize=config.resize, augment=config.augment).compile()
+        compiled_eval = evaluate.lower(
+            state, arrays["test_images"], arrays["test_labels"], arrays["test_batches"],
+            arrays["test_masks"], resize=config.resize).compile()
+        compile_seconds = round(time.perf_counter() - started, 3)
+        return cls(config, parallel, state, totals, num_train, num_test, steps_per_epoch,
+                   compile_seconds, compiled_train, compiled_eval, arrays, shuffle_key)
 
-class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, optimizer) plus the moving BN statistics."""
+    def zero_totals(self) -> Totals:
+        """Fresh running totals, replicated over the mesh like the state (with several
+        hosts, a host-local array could be neither stepped on nor checkpointed)."""
+        return self.parallel.replicate(zero_totals())
 
-    batch_stats: Any
+    def epoch_batches(self, epoch: int) -> jax.Array:
+        """Epoch `epoch`'s shuffled (steps_per_epoch, batch_size) index table, split
+        over the devices along the batch axis."""
+        indices = train_batch_indices(jax.random.fold_in(self._shuffle_key, epoch),
+                                      self.num_train, self.config.batch_size)
+        return self.parallel.shard_batches(np.asarray(indices))
 
+    def train_step(self, state: TrainState, totals: Totals, batches: jax.Array
+                   ) -> tuple[TrainState, Totals]:
+        """One compiled `steps.train_step` (it consumes `state` and `totals`)."""
+        a = self.arrays
+        return self.compiled_train(state, totals, a["train_images"], a["train_labels"],
+                                   batches, a["rng_key"])
 
-Totals = dict[str, jax.Array]  # running sums over an epoch, kept on the device
-
-
-def learning_rate(config: TrainConfig, steps_per_epoch: int) -> optax.ScalarOrSchedule:
-    """The lr, or for `schedule="cosine"` the schedule over the whole run: linear
-    warm-up from 0 for `warmup_epochs`, then a cosine decay to 0 at the last step."""
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "cosine":
-        total_steps = config.epochs * steps_per_epoch
-        # A run no longer than its warm-up still ends with one step of decay.
-        warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
-        return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup_steps=warmup_steps,
-                                                  decay_steps=total_steps)
-    raise ValueError(f"unknown schedule {config.schedule!r}; use 'constant' or 'cosine'")
-
-
-def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1
-                   ) -> optax.GradientTransformation:
-    """`torch.optim.SGD(lr, momentum, weight_decay)`: plain SGD as in the book unless
-    momentum or weight decay is asked for (decay is added to the gradient, as in
-    PyTorch, before the momentum). A schedule counts `steps_per_epoch` per epoch."""
-    sgd = optax.sgd(learning_rate(config, steps_per_epoch), momentum=config.momentum or None)
-    if config.weight_decay:
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
-    return sgd
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_model(config: TrainConfig) -> nn.Module:
-    """The network `config.arch`, computing in `config.dtype` (params stay float32)."""
-    return models.get_model(config.arch, dtype=DTYPES[config.dtype])
-
-
-def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
-                       sharding: jax.sharding.Sharding | None = None,
-                       steps_per_epoch: int = 1) -> TrainState:
-    """Initialise `model` for `config.resize`-sized one-channel images, placing every
-    array of the state with `sharding` (e.g. replicated over a mesh). An lr schedule
-    needs the run's `steps_per_epoch`."""
-    params_key, dropout_key = jax.random.split(key)
-    x = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
-
-    @functools.partial(jax.jit, out_shardings=sharding)
-    def init():
-        variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                 batch_stats=variables.get("batch_stats", {}),
-                                 tx=make_optimizer(config, steps_per_epoch))
-
-    return init()
+    def evaluate(self, state: TrainState) -> jax.Array:
+        """Correct predictions on the whole test set (a device scalar)."""
+        a = self.arrays
+        return self.compiled_eval(state, a["test_images"], a["test_labels"],
+                                  a["test_batches"], a["test_masks"])
 
 
-def zero_totals() -> Totals:
-    return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
-            "count": jnp.zeros((), jnp.int32),
-            # First step whose loss was not finite, or -1.
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir, *,
+                       data: FashionMNIST | None = None, data_dir: str | None = None,
+                       resume: bool = False, force: bool = False,
+                       num_devices: int | None = None, command: str = "",
+                       log: Callable[[str], None] = print, progress: bool | None = None,
+                       keep_checkpoints: bool = True, refresh_every: int = 100) -> dict:
+    """Train `config.arch` as `config` says and evaluate it after every epoch, in the
+    run directory `workdir`; returns the content of metrics.json.
 
+    `workdir` is made for a new run (refused if it holds another one, unless
+    `force`), or with `resume` continued from its newest checkpoint. `data` is
+    Fashion-MNIST as `cnnjax.data.load_fashion_mnist(data_dir)` gives it, loaded
+    here if not given. The global batch is split over the first `num_devices`
+    devices (default: all), which must divide `config.batch_size`. `progress` shows
+    a progress bar (None: only when stderr is a terminal). `command` is recorded in
+    run.json. Without `keep_checkpoints`, the checkpoints go once the run finishes.
 
-@functools.partial(jax.jit, static_argnames=("resize", "augment"),
-                   donate_argnames=("state", "totals"))
-def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax.Array,
-               batches: jax.Array, rng_key: jax.Array, resize: int, augment: bool = False
-               ) -> tuple[TrainState, Totals]:
-    """One SGD step on the batch `images[batches[state.step % len(batches)]]`
-    (randomly cropped and flipped if `augment`); adds its loss and accuracy to
-    `totals`.
-
-    `batches` is the epoch's (num_batches, batch_size) table of shuffled indices; the
-    step finds its own row, so the loop passes the same arrays every step and does no
-    work on the host between steps.
+    Raises:
+      Interrupted: after Ctrl-C, once the checkpoint is saved.
+      Diverged: the loss became NaN or infinite (the last checkpoint is kept).
+      RunDirError, CheckpointError: `workdir` cannot be used as asked.
     """
-    indices = batches[state.step % batches.shape[0]]
-    x = images[indices]
-    y = labels[indices]
-    step_dropout_key = jax.random.fold_in(rng_key, state.step)
-    if augment:
-        step_dropout_key, augment_key = jax.random.split(step_dropout_key)
-        x = random_crop_flip(x, augment_key)
-    x = preprocess(x, resize)
+    if data is None:
+        data = primary_first(lambda: load_fashion_mnist(
+            data_dir, max_train=config.max_train, max_test=config.max_test))
+    if isinstance(workdir, RunDir):
+        run_dir = workdir
+    elif resume:
+        run_dir = RunDir(workdir)
+    else:
+        run_dir = primary_first(lambda: RunDir.create(workdir, config, force),
+                                others=lambda: RunDir(workdir))
+    writer = is_primary()
+    if writer:
+        def say(line: str) -> None:
+            log(line)
+            run_dir.log(line)
+    else:
+        def say(line: str) -> None:
+            pass
 
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": step_dropout_key})
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits, updates)
+    if resume:
+        run_dir.check_resumable()
+    run = Prepared.create(config, data, num_devices)
+    state, totals = run.state, run.totals
+    steps_per_epoch = run.steps_per_epoch
+    checkpoints = Checkpoints(run_dir.checkpoints)
+    metrics = {"arch": config.arch, "config": config.to_dict(), "device": describe_device(),
+               "device_count": run.parallel.num_devices, "process_count": jax.process_count(),
+               "compile_seconds": run.compile_seconds,
+               "train_examples_per_epoch": steps_per_epoch * config.batch_size,
+               "dropped_per_epoch": run.num_train - steps_per_epoch * config.batch_size,
+               "test_examples": run.num_test, "epochs": []}
+    start_epoch, start_batch = 0, 0
+    if resume:
+        try:
+            state, totals, position = checkpoints.restore(state, totals)
+        except CheckpointError:
+            checkpoints.close()
+            raise
+        start_epoch, start_batch = position["epoch"], position["batch"]
+        metrics["epochs"] = position["history"]
+        say(f"resumed from {run_dir.path} at epoch {start_epoch + 1}, batch {start_batch}")
+    if writer:
+        run_dir.start(command, describe_device(), run.parallel.num_devices, jax.process_count())
+    say(f"training {config.arch} on {describe_device()} x{run.parallel.num_devices}: "
+        f"{config.epochs} epochs, lr {config.lr}, batch {config.batch_size}, "
+        f"{config.resize}x{config.resize}, {config.dtype}; {steps_per_epoch} steps/epoch "
+        f"({metrics['dropped_per_epoch']} examples of the last partial batch dropped, "
+        f"different ones each epoch); compiled in {run.compile_seconds:.1f}s")
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads,
-                                      batch_stats=updates.get("batch_stats", state.batch_stats))
-    bad = (totals["first_nonfinite_step"] < 0) & ~jnp.isfinite(loss)
-    totals = {
-        "loss_sum": totals["loss_sum"] + loss * y.shape[0],
-        "correct": totals["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
-        "count": totals["count"] + y.shape[0],
-        "first_nonfinite_step": jnp.where(bad, state.step, totals["first_nonfinite_step"]),
-    }
-    return new_state, totals
+    def save(epoch: int, batch: int) -> None:
+        checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
+                                         "history": metrics["epochs"]})
+
+    def end(status: str, reason: str | None = None) -> None:
+        checkpoints.wait()
+        checkpoints.close()
+        if writer:
+            run_dir.end(status, reason)
+
+    with _StopOnSigint(every=refresh_every) as sigint:
+        for epoch in range(start_epoch, config.epochs):
+            batches = run.epoch_batches(epoch)
+            first = start_batch if epoch == start_epoch else 0
+            bar = tqdm(total=steps_per_epoch, initial=first,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
+                       dynamic_ncols=True,
+                       disable=not writer or ((not sys.stderr.isatty()) if progress is None
+                                              else not progress))
+            epoch_start = time.perf_counter()
+            for batch in range(first, steps_per_epoch):
+                if sigint.stop_now(batch):
+                    bar.close()
+                    save(epoch, batch)
+                    reason = f"stopped at epoch {epoch + 1}, batch {batch}"
+                    end("interrupted", reason)
+                    raise Interrupted(reason)
+                state, totals = run.train_step(state, totals, batches)
+                bar.update()
+                if (batch + 1) % refresh_every == 0:
+                    bar.set_postfix(_postfix(totals, time.perf_counter() - epoch_start,
+                                             (batch + 1 - first) * config.batch_size))
+            host_totals = jax.device_get(totals)  # waits for the epoch's last step
+            train_seconds = time.perf_counter() - epoch_start
+            bar.close()
+            if host_totals["first_nonfinite_step"] >= 0:
+                step = int(host_totals["first_nonfinite_step"])
+                kind = "NaN" if math.isnan(host_totals["loss_sum"]) else "infinite"
+                reason = (f"the loss became {kind} in epoch {epoch + 1} at step {step + 1} "
+                          f"(batch {step - epoch * steps_per_epoch + 1} of the epoch)")
+                end("diverged", reason)
+                raise Diverged(reason)
+
+            test_acc = int(run.evaluate(state)) / run.num_test
+            count = int(host_totals["count"])
+            metrics["epochs"].append({
+                "epoch": epoch + 1,
+                "train_loss": float(host_totals["loss_sum"]) / count,
+                "train_acc": int(host_totals["correct"]) / count,
+                "test_acc": test_acc,
+                # Examples trained on in this sitting of the epoch (after a resume,
+                # only those since the resume), over the time they took.
+                "examples_per_sec": (steps_per_epoch - first) * config.batch_size / train_seconds,
+                "seconds": time.perf_counter() - epoch_start,
+                "train_examples": (steps_per_epoch - first) * config.batch_size,
+                "train_seconds": train_seconds,
+            })
+            totals = run.zero_totals()
+            save(epoch + 1, 0)
+            if writer:
+                run_dir.write_metrics(metrics)
+                plot_curves(metrics["epochs"], run_dir.curves_file,
+                            f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
+                            f"{config.resize}x{config.resize}, {config.dtype}, "
+                            f"{describe_device()} x{run.parallel.num_devices}")
+            e = metrics["epochs"][-1]
+            say(f"epoch {epoch + 1}/{config.epochs}: loss {e['train_loss']:.3f}, "
+                f"train acc {e['train_acc']:.3f}, test acc {e['test_acc']:.3f}, "
+                f"{e['examples_per_sec']:.1f} examples/sec, {e['seconds']:.1f}s")
+    end("finished")
+    if writer and not keep_checkpoints:
+        run_dir.remove_checkpoints()
+    return metrics
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,
-              mask: jax.Array, resize: int) -> jax.Array:
-    """The number of correct predictions on `images[indices]` (where `mask`), using
-    the moving BN statistics and no dropout."""
-    x = preprocess(images[indices], resize)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            x, train=False)
-    return jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)
+def _postfix(totals, seconds: float, examples: int) -> dict[str, str]:
+    t = jax.device_get(totals)
+    count = max(int(t["count"]), 1)
+    return {"loss": f"{float(t['loss_sum']) / count:.3f}",
+            "acc": f"{int(t['correct']) / count:.3f}",
+            "img/s": f"{examples / seconds:.0f}"}
 
 
-@functools.partial(jax.jit, static_argnames=("resize",))
-def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array,
-             masks: jax.Array, resize: int) -> jax.Array:
-    """Correct predictions over all test batches (`batches`, `masks`: (num_batches,
-    batch_size), from `data.eval_batch_indices`), in one call."""
-    def body(i, correct):
-        return correct + eval_step(state, images, labels, batches[i], masks[i], resize)
+def examples_per_sec(metrics: dict) -> float:
+    """Training examples per second over all epochs, as `train_ch6` reports it."""
+    epochs = metrics["epochs"]
+    return sum(e["train_examples"] for e in epochs) / sum(e["train_seconds"] for e in epochs)
 
-    return jax.lax.fori_loop(0, batches.shape[0], body, jnp.zeros((), jnp.int32))
+
+def book_summary(metrics: dict) -> str:
+    """The two lines `train_ch6` ends with: final loss and accuracies, and the
+    examples/sec over all epochs on the device."""
+    last = metrics["epochs"][-1]
+    rate = examples_per_sec(metrics)
+    return (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
+            f"test acc {last['test_acc']:.3f}\n"
+            f"{rate:.1f} examples/sec on {metrics['device']}")
+

@@ -10,7 +10,7 @@ timed windows of --steps steps each; the on-device data pipeline of gathering,
 scaling and resizing the batch included), the compile time, the FLOPs of one step
 from XLA's cost analysis and, on a GPU or TPU whose peak is known, the achieved
 fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
-and input size (experiments/torch_models.py) is timed in the same run: the notes'
+and input size (experiments/torch_models.py) is timed in the same run: the book's
 eager loop that resizes on the CPU, and on a GPU also a tuned one (channels-last,
 bf16 autocast, torch.compile).
 
@@ -27,11 +27,20 @@ import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
+from cnnjax import data, models, runtime
+from cnnjax.config import TrainConfig
+from cnnjax.steps import train_step
+from cnnjax.train import Prepared, describe_device
 from experiments.cli import (
     ArgumentParser,
     UsageError,
+    add_config_flags,
     check_devices,
     check_resize,
+    config_overrides,
     fail,
     parser_for,
     positive_int,
@@ -54,18 +63,9 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def build_parser() -> ArgumentParser:
-    from cnnjax import models
-
     parser = parser_for("experiments.bench", __doc__)
     parser.add_argument("--arch", nargs="+", metavar="NAME",
                         help=f"networks to time (default: all): {', '.join(models.list_models())}")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="global batch size (default: each network's recipe)")
-    parser.add_argument("--resize", type=positive_int, metavar="R",
-                        help="input size (default: each network's recipe)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="computation dtype of our step (default float32; PyTorch's "
-                             "notes flavour is always float32, its tuned one bf16)")
     parser.add_argument("--devices", type=positive_int, metavar="N",
                         help="split each batch over the first N devices (default: all)")
     parser.add_argument("--windows", type=positive_int, default=5,
@@ -74,23 +74,23 @@ def build_parser() -> ArgumentParser:
                         help="training steps per timed window (default 10)")
     parser.add_argument("--steps-per-dispatch", type=positive_int, default=1, metavar="K",
                         help="run K training steps per call to the device, in a "
-                             "lax.scan, unrolled (default 1: one call per step, as fit does)")
+                             "lax.scan, unrolled (default 1: one call per step, as training "
+                             "does)")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch version in the same run (needs torch)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="TFDS data_dir with Fashion-MNIST (default: TFDS's); with no "
                              "data, random images of the same shape are used, and said so")
     parser.add_argument("--jsonl", metavar="FILE", help="also append the JSON lines to FILE")
+    add_config_flags(parser, exclude=("arch",),
+                     title="settings (default: each network's recipe; PyTorch's book flavour "
+                           "always computes in float32, its tuned one in bfloat16)")
     return parser
 
 
 def load_data(data_dir: str | None):
     """The real Fashion-MNIST if it is there, else random uint8 images (throughput
     does not depend on the pixel values)."""
-    import numpy as np
-
-    from cnnjax import data
-
     try:
         return data.load_fashion_mnist(data_dir), "fashion_mnist"
     except data.DataUnavailableError:
@@ -103,14 +103,9 @@ def load_data(data_dir: str | None):
 
 def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
              steps_per_dispatch: int = 1) -> dict:
-    """Steady-state images/sec of `cnnjax.trainer`'s compiled train step, as `fit`
+    """Steady-state images/sec of `cnnjax.train`'s compiled train step, as training
     runs it (same arrays, same dispatch), timed between device syncs. With
     `steps_per_dispatch` K > 1, K steps run inside one compiled call instead."""
-    import jax
-
-    from cnnjax.train import train_step
-    from cnnjax.trainer import Prepared, describe_device
-
     run = Prepared.create(config, dataset, num_devices)
     state, totals = run.state, run.totals
     batches = run.epoch_batches(0)
@@ -172,9 +167,9 @@ def time_torch(config, dataset, windows: int, steps: int) -> dict:
     common = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
                   device=device, windows=windows, steps_per_window=steps,
                   images=dataset.train_images, labels=dataset.train_labels)
-    notes = torch_models.time_training(config.arch, flavour="notes", **common)
-    result = {"torch_img_per_s": round(notes["img_per_s"], 1), "torch_device": device,
-              "torch_threads": notes["threads"], "torch_version": notes["torch_version"]}
+    book = torch_models.time_training(config.arch, flavour="book", **common)
+    result = {"torch_img_per_s": round(book["img_per_s"], 1), "torch_device": device,
+              "torch_threads": book["threads"], "torch_version": book["torch_version"]}
     if device == "cuda":
         tuned = torch_models.time_training(config.arch, flavour="tuned", **common)
         result["torch_tuned_img_per_s"] = round(tuned["img_per_s"], 1)
@@ -209,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = parser.prog
-    from cnnjax import models
-    from cnnjax.parallel import setup_devices
-
     try:
         archs = args.arch or models.list_models()
         unknown = [a for a in archs if a not in models.list_models()]
@@ -223,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                 import torch  # noqa: F401
             except ImportError:
                 raise UsageError("--torch needs PyTorch: pip install torch") from None
-        setup_devices()
-        from cnnjax.train import TrainConfig
+        runtime.configure()
 
         configs = []
         for arch in archs:
-            config = TrainConfig.from_recipe(arch, batch_size=args.batch_size,
-                                             resize=args.resize, dtype=args.dtype, epochs=1)
+            overrides = {"epochs": 1, **config_overrides(args, exclude=("arch",))}
+            config = TrainConfig.from_recipe(arch, overrides.pop("recipe", "classic"),
+                                             **overrides)
             check_devices(config.batch_size, args.devices)
             check_resize(arch, config.resize)
             configs.append(config)

@@ -1,15 +1,15 @@
 """The PyTorch side of the benchmark: the `cnnjax` model zoo rebuilt in PyTorch.
 
-Every network follows the notes' PyTorch code (`shared/seeds/`, i.e. d2l's
-chapters 6 and 7) layer for layer, with the architecture of our Flax models:
+Every network follows the book's PyTorch code (d2l's chapters 6 and 7) layer for
+layer, with the architecture of our Flax models:
 same kernels, strides, paddings, widths, dropout, batch-norm placement
 (momentum 0.1 in PyTorch's convention = 0.9 in ours, eps 1e-5) and
 activations, so that `count_params(build(arch))` equals the JAX count.
-Weights start Xavier-uniform, as the notes' `train_ch6` initialises them.
+Weights start Xavier-uniform, as the book's `train_ch6` initialises them.
 
-`time_training` times the notes' training loop (`train_ch6`: SGD, cross-entropy,
-resizing on the CPU inside the loop), either eagerly as the notes write it
-("notes") or with the usual PyTorch speed-ups ("tuned": channels-last, bfloat16
+`time_training` times the book's training loop (`train_ch6`: SGD, cross-entropy,
+resizing on the CPU inside the loop), either eagerly as the book writes it
+("book") or with the usual PyTorch speed-ups ("tuned": channels-last, bfloat16
 autocast, `torch.compile`, resizing on the device). Only `experiments/bench.py`
 uses this module; it needs PyTorch (no torchvision).
 """
@@ -25,14 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cnnjax.config import recipe_settings
+
 __all__ = ["build", "count_params", "time_training"]
-
-# The input size each network is trained at (`cnnjax.models.recipe(arch)["resize"]`).
-# LeNet, AlexNet and VGG end in a flatten, so their first dense layer depends on it.
-_RECIPE_RESIZE = {"lenet": 28, "lenet_bn_scratch": 28, "lenet_bn": 28, "alexnet": 224,
-                  "vgg11": 224, "nin": 224, "googlenet": 96, "resnet18": 96,
-                  "resnet34": 96, "densenet": 96}
-
 
 def _out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """Output length of a conv or pool along one axis (d2l §6.3)."""
@@ -370,7 +365,7 @@ def build(arch: str, *, resize: int | None = None) -> nn.Module:
     first dense layer of the networks that flatten (LeNet, AlexNet, VGG)."""
     if arch not in _BUILDERS:
         raise ValueError(f"unknown model {arch!r}; valid names: {', '.join(_BUILDERS)}")
-    model = _BUILDERS[arch](resize or _RECIPE_RESIZE[arch])
+    model = _BUILDERS[arch](resize or recipe_settings(arch)["resize"])
     model.apply(_xavier_init)
     return model
 
@@ -390,7 +385,7 @@ def _synchronize(device: torch.device, loss: torch.Tensor) -> float:
 
 
 def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
-                  flavour: str = "notes", device: str = "cpu", windows: int = 5,
+                  flavour: str = "book", device: str = "cpu", windows: int = 5,
                   steps_per_window: int = 10, warmup_steps: int = 3, seed: int = 0,
                   images=None, labels=None) -> dict:
     """Images per second of `train_ch6`'s training step for network `arch`.
@@ -398,15 +393,15 @@ def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
     Each step draws `batch_size` random examples of `images` (uint8, N x 28 x 28
     or N x 28 x 28 x 1; default 60000 random images), scales them to [0, 1],
     resizes them bilinearly to `resize` x `resize`, then runs forward,
-    cross-entropy, backward and an SGD step at `lr`. flavour "notes": eager
-    NCHW float32 with the resize on the CPU, as the notes' DataLoader does it;
+    cross-entropy, backward and an SGD step at `lr`. flavour "book": eager
+    NCHW float32 with the resize on the CPU, as the book's DataLoader does it;
     "tuned": channels-last, bfloat16 autocast, `torch.compile` (eager if
     compiling fails: "compiled" is then False) and the resize on `device`.
     `warmup_steps` untimed steps (compilation included) come first, then
     `windows` timed windows of `steps_per_window` steps, each ending with a sync.
     """
-    if flavour not in ("notes", "tuned"):
-        raise ValueError(f"unknown flavour {flavour!r}; valid: notes, tuned")
+    if flavour not in ("book", "tuned"):
+        raise ValueError(f"unknown flavour {flavour!r}; valid: book, tuned")
     tuned = flavour == "tuned"
     dev = torch.device(device)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnjax import data
+from cnnjax import data, runtime
 
 DEBIAN_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -12,6 +12,11 @@ DEBIAN_FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
+
+
+def pytest_configure(config):
+    # The XLA settings the command-line tools apply, before any test starts JAX.
+    runtime.configure()
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,12 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 BAD_INPUTS = [
-    (["--arch", "resnet50"], "unknown --arch 'resnet50'; valid names: lenet, lenet_bn_scratch"),
+    (["--arch", "resnet50"], "--arch: expected one of lenet, lenet_bn_scratch, lenet_bn, "
+                             "alexnet"),
     ([], "--arch is required"),
     (["--arch", "lenet", "--lr", "0"], "--lr: expected a finite number > 0, got 0"),
     (["--arch", "lenet", "--lr", "-0.1"], "--lr: expected a finite number > 0"),
-    (["--arch", "lenet", "--lr", "fast"], "--lr: expected a number > 0, got 'fast'"),
+    (["--arch", "lenet", "--lr", "fast"], "--lr: expected a finite number > 0, got 'fast'"),
     (["--arch", "lenet", "--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
     (["--arch", "lenet", "--epochs", "0"], "--epochs: expected a whole number > 0, got 0"),
     (["--arch", "lenet", "--epochs", "2.5"], "--epochs: expected a whole number > 0, got '2.5'"),
@@ -39,6 +40,10 @@ BAD_INPUTS = [
      "--resize 28 is too small for alexnet: its layers need at least 65x65"),
     (["--arch", "densenet", "--resize", "28", "--summary"],
      "--resize 28 is too small for densenet: its layers need at least 29x29"),
+    (["--arch", "lenet", "--recipe", "fast"], "--recipe: expected one of classic, modern"),
+    (["--arch", "lenet", "--schedule", "linear"], "--schedule: expected one of constant, cosine"),
+    (["--arch", "lenet", "--momentum", "-0.5"], "--momentum: expected a finite number >= 0"),
+    (["--arch", "lenet", "--augment", "yes"], "unrecognized arguments: yes"),
 ]
 
 
@@ -89,6 +94,18 @@ def test_resume_errors(tmp_path):
     assert "--arch lenet (the run has lenet_bn)" in proc.stderr
     assert "--lr 0.5 (the run has 1.0)" in proc.stderr
 
+    # A run whose checkpoints are gone cannot continue; starting over is the way out.
+    proc = run_cli("--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "there is no checkpoint to resume from" in line
+    assert f"--out {run} --force" in line
+
+    (run / "config.json").write_text(json.dumps({**config, "lr": -1}))
+    proc = run_cli("--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 2 and "config.json is damaged (lr: expected a finite number" \
+        in proc.stderr
+
 
 def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
     from cnnjax import data
@@ -97,7 +114,7 @@ def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
     def unavailable(*args, **kwargs):
         raise data.DataUnavailableError("Fashion-MNIST is not prepared ...: install Debian's copy")
 
-    monkeypatch.setattr(data, "load_fashion_mnist", unavailable)
+    monkeypatch.setattr(run, "load_fashion_mnist", unavailable)
     code = run.main(["--arch", "lenet", "--out", str(tmp_path / "out")])
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

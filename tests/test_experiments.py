@@ -57,10 +57,9 @@ def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_pat
     assert reproduce.QUICK_CAVEAT in report  # what quick rows can and cannot show
     classic, modern = [line for line in report.splitlines()
                        if line.startswith("| [`lenet_bn_scratch`]")]
-    # The notes' figures (note 001) beside ours.
     assert ("| classic | **quick** | 1 ep, lr 1.0, batch 256, 28x28, 512 train / 256 test "
             "images |") in classic
-    assert "0.267 / 0.902 / 0.842 / 21,185 (note 001)" in classic
+    assert "| 0.267 / 0.902 / 0.842 / 21,185 |" in classic  # the reference beside ours
     metrics = json.loads((tmp_path / "cpu" / "lenet_bn_scratch-quick" / "metrics.json").read_text())
     ours = metrics["epochs"][-1]["test_acc"]
     assert f"{100 * (ours - 0.842):+.1f} |" in classic
@@ -141,7 +140,7 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second_run = False
     for line in proc.stdout:
-        second_run = second_run or line.startswith("== lenet_bn at lr 1")
+        second_run = second_run or line.startswith("== lenet_bn-lr1:")
         if second_run and line.startswith("epoch 1/2:"):
             time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
@@ -154,8 +153,12 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
     assert line.endswith(" --continue")
     out = tmp_path / "cpu" / "bn_ablation"
     finished = (out / "lenet_bn-lr0.3" / "metrics.json").read_text()
-    assert not (out / "lenet_bn-lr1" / "run.json").exists()
-    assert not (out / "REPORT.md").exists()
+    interrupted = json.loads((out / "lenet_bn-lr1" / "run.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    assert interrupted["reason"].startswith("stopped at epoch 2, batch ")
+    # The report holds the finished run only.
+    report = (out / "REPORT.md").read_text()
+    assert "(lenet_bn-lr0.3/)" in report and "(lenet_bn-lr1/)" not in report
 
     proc = run_module("experiments.bn_ablation", *args, "--continue")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -169,7 +172,10 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("experiments.bn_ablation", ("--threshold", "2"), "--threshold 2.0 must lie in (0, 1]"),
+    ("experiments.bn_ablation", ("--threshold", "2"),
+     "--threshold: expected a number in (0, 1], got 2"),
+    ("experiments.bn_ablation", ("--batch-size", "0"),
+     "--batch-size: expected a whole number > 0, got 0"),
     ("experiments.degradation", ("--networks", "resnet50"), "invalid choice: 'resnet50'"),
     ("experiments.reproduce", ("--recipe", "fast"), "invalid choice: 'fast'"),
 ])

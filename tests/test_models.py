@@ -1,10 +1,7 @@
-"""The model zoo: block shapes from the notes, parameter counts from the notes'
+"""The model zoo: block shapes from the book, parameter counts from the reference
 PyTorch builds, train/eval behaviour, the registry API and the summary."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -12,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cnnjax import models, reference
+from cnnjax import config, models, reference
 from cnnjax.models import (
     DenseBlock,
     Inception,
@@ -42,7 +39,7 @@ def output_shape(module: nn.Module, x: jnp.ndarray, **kwargs) -> jax.ShapeDtypeS
     return jax.eval_shape(lambda: module.apply(init(module, x, **kwargs), x, **kwargs))
 
 
-# --- blocks, with the shapes the notes print -------------------------------------------
+# --- blocks, with the shapes the book prints -------------------------------------------
 
 def test_residual_keeps_shape():
     chex.assert_shape(output_shape(Residual(3), jnp.ones((4, 6, 6, 3))), (4, 6, 6, 3))
@@ -123,14 +120,14 @@ def test_lenet_layer_shapes():
 
 @pytest.mark.parametrize("name", ALL)
 def test_logits_at_recipe_resolution(name):
-    resize = models.recipe(name)["resize"]
+    resize = config.recipe_settings(name)["resize"]
     chex.assert_shape(output_shape(models.get_model(name), jnp.ones((3, resize, resize, 1))),
                       (3, 10))
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if reference.parameter_count(n)])
-def test_parameter_count_matches_the_notes(name):
-    resize = models.recipe(name)["resize"]
+def test_parameter_count_matches_the_reference(name):
+    resize = config.recipe_settings(name)["resize"]
     variables = jax.eval_shape(lambda: init(models.get_model(name), jnp.ones((1, resize, resize, 1))))
     assert count_params(variables["params"]) == reference.parameter_count(name)
 
@@ -221,17 +218,17 @@ def test_get_model_fields_and_classes():
     assert models.get_model("resnet34").stage_sizes == (3, 4, 6, 3)
 
 
-def test_recipes_follow_the_notes():
+def test_recipes_follow_the_reference():
     for run in reference.load()["runs"]:
-        if run["source"] != "001":  # the chapter-by-chapter note wins where two differ
+        if run["source"] != "001":  # the chapter-by-chapter source wins where two differ
             continue
         name = run["arch"].split(" ")[0]
-        assert models.recipe(name) == {**CLASSIC, **{k: run[k] for k in
-                                                     ("lr", "batch_size", "resize", "epochs")}}
-    assert models.recipe("lenet") == {**CLASSIC, "lr": 0.9, "batch_size": 256, "resize": 28,
-                                      "epochs": 10}
-    assert models.recipe("resnet34") == models.recipe("resnet18")
-    assert models.recipe("lenet_bn") == models.recipe("lenet_bn_scratch")
+        assert config.recipe_settings(name) == {
+            **CLASSIC, **{k: run[k] for k in ("lr", "batch_size", "resize", "epochs")}}
+    assert config.recipe_settings("lenet") == {**CLASSIC, "lr": 0.9, "batch_size": 256,
+                                               "resize": 28, "epochs": 10}
+    assert config.recipe_settings("resnet34") == config.recipe_settings("resnet18")
+    assert config.recipe_settings("lenet_bn") == config.recipe_settings("lenet_bn_scratch")
 
 
 CLASSIC = {"momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
@@ -240,14 +237,14 @@ CLASSIC = {"momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "warmup
 
 def test_modern_recipe_keeps_input_batch_and_epochs():
     for name in ALL:
-        classic, modern = models.recipe(name), models.recipe(name, "modern")
+        classic, modern = config.recipe_settings(name), config.recipe_settings(name, "modern")
         assert {k: modern[k] for k in ("batch_size", "resize", "epochs")} == \
             {k: classic[k] for k in ("batch_size", "resize", "epochs")}
         assert (modern["momentum"], modern["weight_decay"], modern["schedule"],
                 modern["warmup_epochs"], modern["augment"]) == (0.9, 5e-4, "cosine", 1.0, True)
-    assert models.recipe("resnet18", "modern")["lr"] == 0.1
+    assert config.recipe_settings("resnet18", "modern")["lr"] == 0.1
     with pytest.raises(ValueError, match="unknown recipe 'fast'"):
-        models.recipe("resnet18", "fast")
+        config.recipe_settings("resnet18", "fast")
 
 
 # --- the degradation experiment's networks (He et al. 2016, §4.2) ------------------------
@@ -300,64 +297,4 @@ def test_summary_lists_blocks_and_total():
     assert rows["b1"][0] == "56x56x64"
     assert rows["b5"][0] == "7x7x512"
     assert rows["total"] == ["11,178,378"]
-    assert "input 1x96x96x1" in models.summary("resnet18")  # recipe resize by default
-
-
-def test_packaged_reference_matches_the_spec():
-    spec = Path(__file__).resolve().parents[2] / "shared" / "reference" / "d2l_results.json"
-    if not spec.exists():
-        pytest.skip(f"the specification is not beside this checkout ({spec})")
-    shared = json.loads(spec.read_text())
-    assert reference.load()["runs"] == shared["runs"]
-    shared_counts = {k: v for k, v in shared["parameter_counts"].items() if k != "about"}
-    assert reference.load()["parameter_counts"] == shared_counts
-
-
-# --- the CPU path for one-channel inputs -----------------------------------------------
-
-@pytest.mark.parametrize("kernel_size, padding", [(5, 2), (5, 0), (3, 1)])
-def test_shifted_conv_matches_xla_convolution_and_its_gradients(kernel_size, padding):
-    from cnnjax.models.common import shifted_conv
-
-    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
-    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 6))
-    pads = ((padding, padding), (padding, padding))
-
-    def xla(x, kernel):
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), pads,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    def shifted(x, kernel):
-        return shifted_conv(x, kernel, pads)
-
-    chex.assert_trees_all_close(jax.jit(shifted)(x, kernel), xla(x, kernel), atol=1e-5)
-    weights = jax.random.normal(jax.random.key(2), xla(x, kernel).shape)
-    grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1)))(
-        x, kernel) for f in (shifted, xla)]
-    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-4)
-
-
-def test_one_channel_stride_1_convolutions_take_the_shifted_path_on_cpu():
-    from cnnjax.models.common import conv
-
-    def primitives(layer, channels):
-        x = jnp.ones((2, 10, 10, channels))
-        variables = layer.init(jax.random.key(0), x)
-        return str(jax.make_jaxpr(layer.apply)(variables, x))
-
-    assert jax.default_backend() == "cpu"
-    assert "custom_vjp_call" in primitives(conv(6, 5, padding=2), 1)
-    assert "conv_general_dilated" in primitives(conv(6, 5, padding=2), 3)  # several channels
-    assert "conv_general_dilated" in primitives(conv(6, 5, strides=2), 1)  # stride 2
-
-
-def test_shifted_conv_in_bfloat16_sums_in_float32():
-    from cnnjax.models.common import conv
-
-    layer = conv(6, 5, padding=2, dtype=jnp.bfloat16)
-    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
-    variables = layer.init(jax.random.key(1), x)
-    out = layer.apply(variables, x)
-    assert out.dtype == jnp.bfloat16
-    reference_out = conv(6, 5, padding=2).apply(variables, x)
-    chex.assert_trees_all_close(out.astype(jnp.float32), reference_out, atol=0.05, rtol=0.02)
+    assert "input 1x224x224x1" in text

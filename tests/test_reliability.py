@@ -129,7 +129,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path):
         import jax, jax.numpy as jnp
         from cnnjax import models
         from cnnjax.checkpoint import Checkpoints
-        from cnnjax.train import TrainConfig, create_train_state, zero_totals
+        from cnnjax.config import TrainConfig
+        from cnnjax.steps import create_train_state, zero_totals
 
         config = TrainConfig(arch="lenet", epochs=1, lr=0.1, batch_size=8, resize=28)
         state = create_train_state(config, models.get_model("lenet"), jax.random.key(0))
@@ -151,7 +152,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path):
 
     from cnnjax import models
     from cnnjax.checkpoint import Checkpoints
-    from cnnjax.train import TrainConfig, create_train_state, zero_totals
+    from cnnjax.config import TrainConfig
+    from cnnjax.steps import create_train_state, zero_totals
 
     config = TrainConfig(arch="lenet", epochs=1, lr=0.1, batch_size=8, resize=28)
     state = create_train_state(config, models.get_model("lenet"), jax.random.key(1))

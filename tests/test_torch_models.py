@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cnnjax import models  # noqa: E402
+from cnnjax.config import recipe_settings  # noqa: E402
 from experiments import torch_models  # noqa: E402
 
 ALL = models.list_models()
@@ -28,13 +29,13 @@ def jax_param_count(arch: str, resize: int) -> int:
 
 @pytest.mark.parametrize("arch", ALL)
 def test_param_count_matches_jax(arch):
-    resize = models.recipe(arch)["resize"]
+    resize = recipe_settings(arch)["resize"]
     assert torch_models.count_params(torch_models.build(arch)) == jax_param_count(arch, resize)
 
 
 @pytest.mark.parametrize("arch", ALL)
 def test_logits_shape_at_recipe_resize(arch):
-    resize = models.recipe(arch)["resize"]
+    resize = recipe_settings(arch)["resize"]
     model = torch_models.build(arch).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 1, resize, resize))
@@ -53,11 +54,11 @@ def test_unknown_arch_lists_names():
         torch_models.build("resnet50")
 
 
-def test_time_training_notes_smoke():
+def test_time_training_book_smoke():
     result = torch_models.time_training("lenet", batch_size=4, resize=28, lr=0.9,
                                         windows=2, steps_per_window=1, warmup_steps=1)
     assert len(result["window_img_per_s"]) == 2 and result["img_per_s"] > 0
-    assert result["flavour"] == "notes" and result["compiled"] is False
+    assert result["flavour"] == "book" and result["compiled"] is False
     assert math.isfinite(result["final_loss"])
 
 

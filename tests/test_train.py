@@ -3,7 +3,6 @@ exact resume, and the CLI end to end on real Fashion-MNIST (small subsets)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,16 +17,11 @@ import numpy as np
 import optax
 import pytest
 
+from cnnjax import config as recipes
 from cnnjax import data, models
-from cnnjax.train import (
-    TrainConfig,
-    create_train_state,
-    evaluate,
-    learning_rate,
-    train_step,
-    zero_totals,
-)
-from cnnjax.trainer import book_summary, fit
+from cnnjax.config import TrainConfig
+from cnnjax.steps import create_train_state, evaluate, learning_rate, train_step, zero_totals
+from cnnjax.train import book_summary, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +81,7 @@ def test_modern_recipe_warms_up_from_zero_then_decays_to_zero():
     assert float(schedule(40)) == 0.0
     assert learning_rate(TrainConfig.from_recipe("resnet18"), 10) == 0.05  # classic: constant
     # A 1-epoch run is all warm-up but its last step, which decays to 0.
-    one_epoch = learning_rate(dataclasses.replace(config, epochs=1), steps_per_epoch=10)
+    one_epoch = learning_rate(config.replace(epochs=1), steps_per_epoch=10)
     np.testing.assert_allclose([float(one_epoch(s)) for s in (0, 9, 10)], [0.0, 0.1, 0.0],
                                atol=1e-7)
 
@@ -130,7 +124,8 @@ def test_eval_counts_every_test_image_once(num_test, batch_size):
 
 def test_short_real_run_learns(small_data, tmp_path):
     config = TrainConfig(arch="lenet_bn", epochs=3, lr=1.0, batch_size=64, resize=28)
-    metrics = fit(config, small_data, tmp_path, log=lambda _: None, progress=False)
+    metrics = train_and_evaluate(config, tmp_path / "run", data=small_data, log=lambda _: None,
+                                 progress=False)
     first, _, last = metrics["epochs"]
     assert last["train_loss"] < first["train_loss"]
     assert last["test_acc"] > 0.6  # chance is 0.1
@@ -140,10 +135,10 @@ def test_short_real_run_learns(small_data, tmp_path):
 
 def test_resume_gives_the_numbers_of_an_uninterrupted_run(small_data, tmp_path):
     config = TrainConfig(arch="lenet_bn", epochs=2, lr=1.0, batch_size=256, resize=28, seed=3)
-    quiet = dict(log=lambda _: None, progress=False)
-    straight = fit(config, small_data, tmp_path / "straight", **quiet)
-    fit(dataclasses.replace(config, epochs=1), small_data, tmp_path / "stopped", **quiet)
-    resumed = fit(config, small_data, tmp_path / "stopped", resume=True, **quiet)
+    quiet = dict(data=small_data, log=lambda _: None, progress=False)
+    straight = train_and_evaluate(config, tmp_path / "straight", **quiet)
+    train_and_evaluate(config.replace(epochs=1), tmp_path / "stopped", **quiet)
+    resumed = train_and_evaluate(config, tmp_path / "stopped", resume=True, **quiet)
     keys = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
            [{k: e[k] for k in keys} for e in straight["epochs"]]
@@ -153,15 +148,17 @@ def test_modern_recipe_learns_and_resumes_exactly(small_data, tmp_path):
     # The schedule spans the whole run and every step draws its own crops and flips:
     # redoing the last epoch from the previous checkpoint must give the same numbers.
     config = TrainConfig.from_recipe("lenet_bn", "modern", epochs=2, batch_size=64)
-    quiet = dict(log=lambda _: None, progress=False)
-    straight = fit(config, small_data, tmp_path, **quiet)
+    out = tmp_path / "run"
+    straight = train_and_evaluate(config, out, data=small_data, log=lambda _: None,
+                                  progress=False)
     assert straight["epochs"][-1]["test_acc"] > 0.5  # chance is 0.1
-    last_checkpoint = tmp_path / "checkpoints" / str(2 * 2048 // 64)  # the global step
+    last_checkpoint = out / "checkpoints" / str(2 * 2048 // 64)  # the global step
     assert last_checkpoint.is_dir()
     shutil.rmtree(last_checkpoint)
     lines = []
-    resumed = fit(config, small_data, tmp_path, resume=True, log=lines.append, progress=False)
-    assert lines[0].startswith(f"resumed from {tmp_path} at epoch 2, batch 0")
+    resumed = train_and_evaluate(config, out, data=small_data, resume=True, log=lines.append,
+                                 progress=False)
+    assert lines[0].startswith(f"resumed from {out} at epoch 2, batch 0")
     assert resumed["epochs"][1]["train_examples"] == 2048  # only epoch 2 was trained again
     keys = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
@@ -196,10 +193,16 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
-    assert metrics["config"] == {**models.recipe("lenet_bn"), "arch": "lenet_bn", "epochs": 1,
-                                 "seed": 0, "momentum": 0.0, "weight_decay": 0.0,
-                                 "max_train": 512, "max_test": 256, "dtype": "float32",
-                                 "recipe": "classic"}
+    assert metrics["config"] == {**recipes.recipe_settings("lenet_bn"), "arch": "lenet_bn",
+                                 "epochs": 1, "seed": 0, "max_train": 512, "max_test": 256,
+                                 "dtype": "float32", "recipe": "classic"}
+    assert TrainConfig.from_json((out / "config.json").read_text()).to_dict() == \
+        metrics["config"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["command"].startswith(
+        "python -m experiments.run --arch lenet_bn")
+    assert info["versions"]["jax"] == jax.__version__
+    assert "epoch 1/1: loss " in (out / "log.txt").read_text()
     assert metrics["device"].startswith("cpu") and metrics["compile_seconds"] > 0
     (epoch,) = metrics["epochs"]
     assert set(epoch) >= {"epoch", "train_loss", "train_acc", "test_acc", "examples_per_sec",
@@ -210,8 +213,9 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     assert any((out / "checkpoints").iterdir())
 
 
-def test_cli_summary_for_every_network():
+def test_cli_summary_for_every_network(capsys):
     from experiments.run import main
 
     for name in models.list_models():
         assert main(["--arch", name, "--summary"]) == 0
+        assert capsys.readouterr().out.startswith(f"{name}: ")

@@ -1,32 +1,28 @@
 """The networks of d2l's "Convolutional Neural Networks" and "Modern Convolutional
-Neural Networks" chapters as Flax linen modules, and the registry that names them."""
+Neural Networks" chapters as Flax linen modules, the registry that names them and
+tools to look inside them."""
 
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.densenet import DenseBlock, DenseNet, conv_block, transition_block
 from cnnjax.models.googlenet import GoogLeNet, Inception
 from cnnjax.models.lenet import LeNet, LeNetBN
 from cnnjax.models.nin import NiN, nin_block
-from cnnjax.models.registry import (
-    RECIPES,
+from cnnjax.models.registry import describe, get_model, list_models
+from cnnjax.models.resnet import CifarResNet, Residual, ResNet, Stem, resnet_block
+from cnnjax.models.summary import (
     BlockInfo,
-    Recipe,
     accepts_input,
     block_infos,
     count_params,
-    describe,
-    get_model,
-    list_models,
     min_input_size,
-    recipe,
     summary,
 )
-from cnnjax.models.resnet import CifarResNet, Residual, ResNet, Stem, resnet_block
 from cnnjax.models.vgg import VGG, vgg_block
 
 __all__ = [
     "accepts_input", "AlexNet", "block_infos", "BlockInfo", "CifarResNet", "conv_block",
     "count_params", "DenseBlock", "DenseNet", "describe", "get_model", "GoogLeNet",
     "Inception", "LeNet", "LeNetBN", "list_models", "min_input_size", "NiN", "nin_block",
-    "recipe", "Recipe", "RECIPES", "Residual", "ResNet", "resnet_block", "Stem", "summary",
-    "transition_block", "VGG", "vgg_block",
+    "Residual", "ResNet", "resnet_block", "Stem", "summary", "transition_block", "VGG",
+    "vgg_block",
 ]

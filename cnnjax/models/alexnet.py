@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import Dtype, MaxPool, conv, dense, flatten
+from cnnjax.models import common
+from cnnjax.models.common import Dtype, MaxPool, ModuleDef, flatten
 
 
 class AlexNet(nn.Module):
@@ -14,28 +17,25 @@ class AlexNet(nn.Module):
 
     At 224x224 the conv stack ends at 5x5x256, so the first dense layer sees 6400
     features, as in the book.
-    `dtype` is the computation dtype; params stay float32, logits are float32.
     """
 
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    dense: ModuleDef = common.dense
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        dense = functools.partial(self.dense, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = nn.relu(conv(96, 11, strides=4, padding=1, dtype=self.dtype)(x))
-        x = MaxPool(3, 2)(x)
-        x = nn.relu(conv(256, 5, padding=2, dtype=self.dtype)(x))
-        x = MaxPool(3, 2)(x)
-        x = nn.relu(conv(384, 3, padding=1, dtype=self.dtype)(x))
-        x = nn.relu(conv(384, 3, padding=1, dtype=self.dtype)(x))
-        x = nn.relu(conv(256, 3, padding=1, dtype=self.dtype)(x))
-        x = MaxPool(3, 2)(x)
+        x = MaxPool(3, 2)(nn.relu(conv(96, 11, strides=4, padding=1)(x)))
+        x = MaxPool(3, 2)(nn.relu(conv(256, 5, padding=2)(x)))
+        x = nn.relu(conv(384, 3, padding=1)(x))
+        x = nn.relu(conv(384, 3, padding=1)(x))
+        x = MaxPool(3, 2)(nn.relu(conv(256, 3, padding=1)(x)))
         x = flatten(x)
-        x = nn.relu(dense(4096, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.relu(dense(4096, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = dense(self.num_classes, dtype=self.dtype)(x)
-        return jnp.asarray(x, jnp.float32)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
+        return jnp.asarray(dense(self.num_classes)(x), jnp.float32)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, conv, dense
+from cnnjax.models import common
+from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
 
 
 class Inception(nn.Module):
@@ -21,18 +24,18 @@ class Inception(nn.Module):
     c2: tuple[int, int]
     c3: tuple[int, int]
     c4: int
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        dtype = self.dtype
-        p1 = nn.relu(conv(self.c1, 1, dtype=dtype)(x))
-        p2 = nn.relu(conv(self.c2[0], 1, dtype=dtype)(x))
-        p2 = nn.relu(conv(self.c2[1], 3, padding=1, dtype=dtype)(p2))
-        p3 = nn.relu(conv(self.c3[0], 1, dtype=dtype)(x))
-        p3 = nn.relu(conv(self.c3[1], 5, padding=2, dtype=dtype)(p3))
+        conv = self.conv
+        p1 = nn.relu(conv(self.c1, 1)(x))
+        p2 = nn.relu(conv(self.c2[0], 1)(x))
+        p2 = nn.relu(conv(self.c2[1], 3, padding=1)(p2))
+        p3 = nn.relu(conv(self.c3[0], 1)(x))
+        p3 = nn.relu(conv(self.c3[1], 5, padding=2)(p3))
         p4 = MaxPool(3, 1, padding=1)(x)
-        p4 = nn.relu(conv(self.c4, 1, dtype=dtype)(p4))
+        p4 = nn.relu(conv(self.c4, 1)(p4))
         return jnp.concatenate([p1, p2, p3, p4], axis=-1)
 
 
@@ -46,24 +49,26 @@ class GoogLeNet(nn.Module):
     between blocks is 3x3 with stride 2 and padding 1, halving height and width.
 
     No block has batch norm or dropout, so `train` changes nothing and the blocks
-    are built in `setup` as `nn.Sequential`, exactly as the book writes them.
-    `dtype` is the computation dtype; params stay float32, logits are float32.
+    are built in `setup` as `nn.Sequential`, as the book writes them.
     """
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    dense: ModuleDef = common.dense
 
     def setup(self) -> None:
+        conv = functools.partial(self.conv, dtype=self.dtype)
+
         def pool():
             return MaxPool(3, 2, padding=1)
 
         def inception(*channels):
-            return Inception(*channels, dtype=self.dtype)
+            return Inception(*channels, conv=conv)
 
-        self.b1 = nn.Sequential([conv(64, 7, strides=2, padding=3, dtype=self.dtype),
-                                 nn.relu, pool()])
-        self.b2 = nn.Sequential([conv(64, 1, dtype=self.dtype), nn.relu,
-                                 conv(192, 3, padding=1, dtype=self.dtype), nn.relu, pool()])
+        self.b1 = nn.Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool()])
+        self.b2 = nn.Sequential([conv(64, 1), nn.relu, conv(192, 3, padding=1), nn.relu,
+                                 pool()])
         self.b3 = nn.Sequential([inception(64, (96, 128), (16, 32), 32),
                                  inception(128, (128, 192), (32, 96), 64),
                                  pool()])
@@ -76,7 +81,7 @@ class GoogLeNet(nn.Module):
         self.b5 = nn.Sequential([inception(256, (160, 320), (32, 128), 128),
                                  inception(384, (192, 384), (48, 128), 128),
                                  GlobalAvgPool()])
-        self.head = dense(self.num_classes, dtype=self.dtype)
+        self.head = self.dense(self.num_classes, dtype=self.dtype)
 
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train  # No batch norm or dropout: both modes compute the same.

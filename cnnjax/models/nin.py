@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, conv
+from cnnjax.models import common
+from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
 
 
 class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
@@ -16,14 +19,14 @@ class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
     kernel_size: int
     strides: int
     padding: int
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = nn.relu(conv(self.num_channels, self.kernel_size, self.strides, self.padding,
-                         dtype=self.dtype)(x))
-        x = nn.relu(conv(self.num_channels, 1, dtype=self.dtype)(x))
-        return nn.relu(conv(self.num_channels, 1, dtype=self.dtype)(x))
+        x = nn.relu(self.conv(self.num_channels, self.kernel_size, self.strides,
+                              self.padding)(x))
+        x = nn.relu(self.conv(self.num_channels, 1)(x))
+        return nn.relu(self.conv(self.num_channels, 1)(x))
 
 
 class NiN(nn.Module):
@@ -31,24 +34,24 @@ class NiN(nn.Module):
     max pools (stride 2) between them. There is no dense layer: the last block has
     one channel per class and global average pooling turns them into logits.
     Dropout 0.5 precedes the last block.
-    `dtype` is the computation dtype; params stay float32, logits are float32.
     """
 
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        conv = functools.partial(self.conv, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = nin_block(96, kernel_size=11, strides=4, padding=0, dtype=self.dtype)(x)
+        x = nin_block(96, kernel_size=11, strides=4, padding=0, conv=conv)(x)
         x = MaxPool(3, 2)(x)
-        x = nin_block(256, kernel_size=5, strides=1, padding=2, dtype=self.dtype)(x)
+        x = nin_block(256, kernel_size=5, strides=1, padding=2, conv=conv)(x)
         x = MaxPool(3, 2)(x)
-        x = nin_block(384, kernel_size=3, strides=1, padding=1, dtype=self.dtype)(x)
+        x = nin_block(384, kernel_size=3, strides=1, padding=1, conv=conv)(x)
         x = MaxPool(3, 2)(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nin_block(self.num_classes, kernel_size=3, strides=1, padding=1,
-                      dtype=self.dtype)(x)
+        x = nin_block(self.num_classes, kernel_size=3, strides=1, padding=1, conv=conv)(x)
         # The pooled channels are the logits: average in float32 and keep float32.
         return GlobalAvgPool(dtype=jnp.float32)(x)

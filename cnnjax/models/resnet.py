@@ -3,21 +3,14 @@ small-image networks, with and without shortcuts, for the degradation experiment
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, conv, dense
-
-
-def batch_norm(train: bool, dtype: Dtype = jnp.float32) -> nn.BatchNorm:
-    """`nn.BatchNorm2d` with PyTorch's defaults (momentum 0.9 for the moving
-    statistics in Flax's convention, eps 1e-5): batch statistics when `train`,
-    moving statistics otherwise. The output has `dtype`; Flax computes and keeps
-    the statistics in float32 whatever `dtype` is."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype)
+from cnnjax.models import common
+from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
 
 
 class Residual(nn.Module):
@@ -34,18 +27,19 @@ class Residual(nn.Module):
     use_1x1conv: bool = False
     strides: int = 1
     shortcut: bool = True
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    norm: ModuleDef = common.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        y = conv(self.num_channels, 3, strides=self.strides, padding=1, dtype=self.dtype)(x)
-        y = nn.relu(batch_norm(train, self.dtype)(y))
-        y = conv(self.num_channels, 3, padding=1, dtype=self.dtype)(y)
-        y = batch_norm(train, self.dtype)(y)
+        norm = functools.partial(self.norm, use_running_average=not train)
+        y = self.conv(self.num_channels, 3, strides=self.strides, padding=1)(x)
+        y = nn.relu(norm()(y))
+        y = norm()(self.conv(self.num_channels, 3, padding=1)(y))
         if not self.shortcut:
             return nn.relu(y)
         if self.use_1x1conv:
-            x = conv(self.num_channels, 1, strides=self.strides, dtype=self.dtype)(x)
+            x = self.conv(self.num_channels, 1, strides=self.strides)(x)
         return nn.relu(y + x)
 
 
@@ -61,17 +55,18 @@ class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
     num_residuals: int
     first_block: bool = False
     shortcut: bool = True  # False: plain blocks (see `Residual`)
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    norm: ModuleDef = common.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        block = functools.partial(Residual, self.num_channels, shortcut=self.shortcut,
+                                  conv=self.conv, norm=self.norm)
         for i in range(self.num_residuals):
             if i == 0 and not self.first_block:
-                x = Residual(self.num_channels, use_1x1conv=True, strides=2,
-                             shortcut=self.shortcut, dtype=self.dtype)(x, train)
+                x = block(use_1x1conv=True, strides=2)(x, train)
             else:
-                x = Residual(self.num_channels, shortcut=self.shortcut,
-                             dtype=self.dtype)(x, train)
+                x = block()(x, train)
         return x
 
 
@@ -81,35 +76,39 @@ class Stem(nn.Module):
     and a 3x3 max pool (stride 2, padding 1): 224x224 becomes 56x56."""
 
     num_channels: int = 64
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    norm: ModuleDef = common.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = conv(self.num_channels, 7, strides=2, padding=3, dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, self.dtype)(x))
+        x = self.conv(self.num_channels, 7, strides=2, padding=3)(x)
+        x = nn.relu(self.norm(use_running_average=not train)(x))
         return MaxPool(3, 2, padding=1)(x)
 
 
 class ResNet(nn.Module):
     """ResNet (§7.6.3): the stem b1, four stages b2..b5 of 64, 128, 256 and 512
     channels with `stage_sizes` residual blocks each, global average pooling and a
-    dense output layer. (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34.
-    `dtype` is the computation dtype; params stay float32, logits are float32."""
+    dense output layer. (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    dense: ModuleDef = common.dense
+    norm: ModuleDef = common.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(self.norm, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = Stem(64, dtype=self.dtype, name="b1")(x, train)
+        x = Stem(64, conv=conv, norm=norm, name="b1")(x, train)
         for i, num_residuals in enumerate(self.stage_sizes):
-            stage = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0),
-                                 dtype=self.dtype, name=f"b{i + 2}")
-            x = stage(x, train)
+            x = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0), conv=conv,
+                             norm=norm, name=f"b{i + 2}")(x, train)
         x = GlobalAvgPool()(x)
-        x = dense(self.num_classes, dtype=self.dtype)(x)
+        x = self.dense(self.num_classes, dtype=self.dtype)(x)
         return jnp.asarray(x, jnp.float32)
 
 
@@ -127,19 +126,24 @@ class CifarResNet(nn.Module):
     residual: bool = True
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    dense: ModuleDef = common.dense
+    norm: ModuleDef = common.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         if (self.depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 (20, 32, 44, 56, ...), got {self.depth}")
         blocks_per_stage = (self.depth - 2) // 6
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(self.norm, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = conv(16, 3, padding=1, dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, self.dtype)(x))
+        x = conv(16, 3, padding=1)(x)
+        x = nn.relu(norm(use_running_average=not train)(x))
         for i in range(3):
             x = resnet_block(16 * 2**i, blocks_per_stage, first_block=(i == 0),
-                             shortcut=self.residual, dtype=self.dtype,
+                             shortcut=self.residual, conv=conv, norm=norm,
                              name=f"stage{i + 1}")(x, train)
         x = GlobalAvgPool()(x)
-        x = dense(self.num_classes, dtype=self.dtype)(x)
+        x = self.dense(self.num_classes, dtype=self.dtype)(x)
         return jnp.asarray(x, jnp.float32)

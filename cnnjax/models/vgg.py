@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models.common import Dtype, MaxPool, conv, dense, flatten
+from cnnjax.models import common
+from cnnjax.models.common import Dtype, MaxPool, ModuleDef, flatten
 
 # (number of convs, output channels) of each block of VGG-11.
 VGG11_ARCH: tuple[tuple[int, int], ...] = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
@@ -19,12 +21,12 @@ class vgg_block(nn.Module):  # noqa: N801 -- named like the book's function.
 
     num_convs: int
     num_channels: int
-    dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for _ in range(self.num_convs):
-            x = nn.relu(conv(self.num_channels, 3, padding=1, dtype=self.dtype)(x))
+            x = nn.relu(self.conv(self.num_channels, 3, padding=1)(x))
         return MaxPool(2, 2)(x)
 
 
@@ -34,7 +36,6 @@ class VGG(nn.Module):
 
     `ratio` divides every conv width, as the book does to train on Fashion-MNIST
     (§7.2.3: ratio 4); `ratio=1` is the full VGG-11.
-    `dtype` is the computation dtype; params stay float32, logits are float32.
     """
 
     conv_arch: Sequence[tuple[int, int]] = VGG11_ARCH
@@ -42,16 +43,17 @@ class VGG(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    conv: ModuleDef = common.conv2d
+    dense: ModuleDef = common.dense
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        dense = functools.partial(self.dense, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         for num_convs, num_channels in self.conv_arch:
-            x = vgg_block(num_convs, num_channels // self.ratio, dtype=self.dtype)(x)
+            x = vgg_block(num_convs, num_channels // self.ratio, conv=conv)(x)
         x = flatten(x)
-        x = nn.relu(dense(4096, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.relu(dense(4096, dtype=self.dtype)(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = dense(self.num_classes, dtype=self.dtype)(x)
-        return jnp.asarray(x, jnp.float32)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
+        return jnp.asarray(dense(self.num_classes)(x), jnp.float32)

@@ -1,0 +1,95 @@
+"""Faster versions of the networks' layers, chosen per backend when a model is built.
+
+The model files are written with the plain layers of `cnnjax.models.common`, the same
+on every backend. `layers_for(backend)` gives the layer fields (`conv`, ...) that
+replace them there; `cnnjax.steps.build_model` is the one place that applies them.
+Each replacement computes what the plain layer computes (values and gradients; the
+tests check both against `lax.conv_general_dilated`) and exists only because it is
+measurably faster on that backend (docs/performance.md).
+
+On a CPU:
+- a stride-1 convolution of a one-channel input (the first layer of LeNet and VGG on
+  Fashion-MNIST) runs as `shifted_conv`, the book's cross-correlation (§6.2) as a sum
+  of shifted inputs, which XLA:CPU fuses into one loop several times faster than its
+  convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnnjax.models import common
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _nhwc_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(2,))  # called eagerly: one compile, not 75
+def shifted_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """A stride-1 convolution of a one-channel input x (N, H, W, 1) with a kernel
+    (kh, kw, 1, C): the sum, over the kh * kw kernel offsets, of the shifted input
+    times that offset's C weights. `padding` is ((top, bottom), (left, right)).
+
+    Equal to `lax.conv_general_dilated`; its gradients are XLA's convolutions.
+    """
+    kh, kw = kernel.shape[:2]
+    out_dtype = jnp.result_type(x, kernel)
+    sum_dtype = jnp.promote_types(out_dtype, jnp.float32)  # bfloat16 sums in float32
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0))).astype(sum_dtype)
+    weights = kernel[:, :, 0, :].astype(sum_dtype)
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    out = sum(x[:, a:a + out_h, b:b + out_w, :] * weights[a, b]
+              for a in range(kh) for b in range(kw))
+    return out.astype(out_dtype)
+
+
+def _shifted_conv_forward(x, kernel, padding):
+    return shifted_conv(x, kernel, padding), (x, kernel)
+
+
+def _shifted_conv_backward(padding, saved, grad_out):
+    x, kernel = saved
+    grad_x, = jax.linear_transpose(lambda x_: _nhwc_conv(x_, kernel, padding), x)(grad_out)
+    grad_kernel, = jax.linear_transpose(lambda k: _nhwc_conv(x, k, padding), kernel)(grad_out)
+    return grad_x, grad_kernel
+
+
+shifted_conv.defvjp(_shifted_conv_forward, _shifted_conv_backward)
+
+
+def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None,
+                             feature_group_count=1, precision=None,
+                             preferred_element_type=None):
+    """`lax.conv_general_dilated` as `nn.Conv` calls it, with the one-channel
+    stride-1 case (see the module docstring) sent to `shifted_conv`. The case is
+    decided from static shapes while the model is traced, not at run time."""
+    undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if (lhs.ndim == 4 and rhs.shape[2] == 1 and tuple(window_strides) == (1, 1)
+            and undilated and feature_group_count == 1 and not isinstance(padding, str)
+            and precision is None and preferred_element_type is None
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)):
+        return shifted_conv(lhs, rhs, tuple(map(tuple, padding)))
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision,
+                                    preferred_element_type=preferred_element_type)
+
+
+def layers_for(backend: str) -> dict[str, Any]:
+    """The layer fields to build a model with on `backend` ("cpu", "gpu", "tpu"):
+    pass them to `cnnjax.models.get_model`. Empty where the plain layers are best."""
+    if backend == "cpu":
+        return {"conv": functools.partial(common.conv2d,
+                                          conv_general_dilated=cpu_conv_general_dilated)}
+    return {}

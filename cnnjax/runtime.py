@@ -1,0 +1,85 @@
+"""Settings JAX reads once, when it starts its backends: apply them first.
+
+`configure()` is the one function to call, before anything runs in JAX. The command
+line tools call it first thing; in a notebook, call it in the first cell:
+
+    import cnnjax.runtime
+    cnnjax.runtime.configure()
+
+Called later, the XLA settings come too late to matter (XLA reads them at start-up);
+nothing breaks, they just do not apply. Importing cnnjax does not call it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+
+# XLA:CPU hands some fusions (reductions, dots, element-wise chains) to YNNPACK (JAX
+# 0.10 and later). On 2 cores our train steps run up to 1.5x faster without them
+# (docs/performance.md), and jaxlib 0.11.2 miscompiles one of them: a bfloat16
+# max-pool followed by dense layers (VGG's and AlexNet's head) returns NaN. An empty
+# list of YNN fusion types turns them off. GPUs and TPUs ignore the flag; jaxlibs
+# before 0.10 may not know it, and XLA aborts on an unknown flag.
+YNN_FUSIONS_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+SIMULATED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def in_cluster() -> bool:
+    """Whether the environment says this process is one of several in a JAX cluster:
+    an explicit coordinator, a SLURM job of several tasks, an Open MPI launch, or a
+    Cloud TPU slice with several hosts (a Colab TPU has one host: not a cluster)."""
+    env = os.environ
+    return ("JAX_COORDINATOR_ADDRESS" in env
+            or int(env.get("SLURM_NTASKS", "1")) > 1
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+
+
+def xla_flags(flags: str, jax_version: tuple[int, ...]) -> str:
+    """XLA_FLAGS with the YNN fusions turned off, unless the flags already choose
+    (the user's choice wins) or this JAX predates the flag."""
+    if jax_version < (0, 10) or "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return flags
+    return f"{flags} {YNN_FUSIONS_OFF}".strip()
+
+
+def cpu_threads(flags: str, env_nproc: str | None) -> str | None:
+    """The size of XLA's CPU thread pool (the NPROC variable) for N simulated CPU
+    devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), or None to leave it.
+
+    XLA runs each device's all-reduce on a pool thread and blocks it until all N
+    devices arrive; by default the pool has one thread per core, so with fewer
+    threads than devices a run can deadlock (seen with 8 devices on 2 cores).
+    Blocked threads cost no CPU, so the pool gets 2N + cores.
+    """
+    simulated = SIMULATED_DEVICES.search(flags)
+    if not simulated or env_nproc is not None:
+        return None
+    return str(2 * int(simulated.group(1)) + (os.cpu_count() or 1))
+
+
+def configure() -> None:
+    """Prepare JAX for training with cnnjax; call before anything runs in JAX.
+
+    - Turn XLA:CPU's YNNPACK fusions off (`xla_flags`).
+    - With simulated CPU devices, size XLA's CPU thread pool for them (`cpu_threads`).
+    - In a cluster (`in_cluster()`), join it with `jax.distributed.initialize()`,
+      which finds the coordinator, process count and id in the environment (SLURM,
+      Open MPI, Cloud TPU), or in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+      JAX_PROCESS_ID set by hand.
+    """
+    env = os.environ
+    flags = xla_flags(env.get("XLA_FLAGS", ""), jax.__version_info__)
+    if flags:
+        env["XLA_FLAGS"] = flags
+    threads = cpu_threads(flags, env.get("NPROC"))
+    if threads:
+        env["NPROC"] = threads
+    if in_cluster() and not jax.distributed.is_initialized():
+        counts = {key: int(env[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                         ("process_id", "JAX_PROCESS_ID"))
+                  if name in env}
+        jax.distributed.initialize(**counts)

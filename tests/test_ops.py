@@ -1,0 +1,90 @@
+"""The faster layers of `cnnjax.ops` compute what the plain layers compute: values and
+both gradients against `lax.conv_general_dilated`, and whole networks built with them
+against the same networks built from the plain layers."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cnnjax import models, ops
+from cnnjax.models.common import conv2d
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def xla_conv(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0))):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+
+def assert_same_values_and_gradients(fast, plain, x, kernel, atol=1e-5):
+    chex.assert_trees_all_close(jax.jit(fast)(x, kernel), plain(x, kernel), atol=atol)
+    weights = jax.random.normal(jax.random.key(2), plain(x, kernel).shape)
+    grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1)))(
+        x, kernel) for f in (fast, plain)]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=20 * atol)
+
+
+@pytest.mark.parametrize("kernel_size, padding", [(5, 2), (5, 0), (3, 1)])
+def test_shifted_conv_matches_xla_convolution_and_its_gradients(kernel_size, padding):
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 6))
+    pads = ((padding, padding), (padding, padding))
+    assert_same_values_and_gradients(lambda x, k: ops.shifted_conv(x, k, pads),
+                                     lambda x, k: xla_conv(x, k, padding=pads), x, kernel)
+
+
+@pytest.mark.parametrize("channels, strides, shifted", [(1, 1, True), (3, 1, False),
+                                                        (1, 2, False)])
+def test_cpu_conv_takes_the_shifted_path_only_for_one_channel_at_stride_1(channels, strides,
+                                                                           shifted):
+    x = jax.random.normal(jax.random.key(0), (2, 10, 10, channels))
+    kernel = jax.random.normal(jax.random.key(1), (5, 5, channels, 6))
+    pads = ((2, 2), (2, 2))
+
+    def cpu(x, k):
+        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+                                            dimension_numbers=NHWC)
+
+    primitives = str(jax.make_jaxpr(cpu)(x, kernel))
+    assert ("custom_vjp_call" in primitives) == shifted
+    assert_same_values_and_gradients(cpu, lambda x, k: xla_conv(x, k, (strides, strides), pads),
+                                     x, kernel)
+
+
+def test_layers_for_each_backend():
+    assert set(ops.layers_for("cpu")) == {"conv"}
+    assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
+
+
+@pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("vgg11", 32)])
+def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
+    plain, fast = models.get_model(name), models.get_model(name, **ops.layers_for("cpu"))
+    x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))
+    variables = plain.init({"params": jax.random.key(1)}, x)
+    labels = jnp.arange(4) % 10
+
+    def loss(params, model):
+        # Eval mode: batch norm over 4 images in train mode would amplify float32
+        # rounding in the first layer's gradient to ~3e-4, hiding what is compared.
+        logits = model.apply({**variables, "params": params}, x, train=False)
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+
+    (_, plain_logits), plain_grads = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, plain), has_aux=True))(variables["params"])
+    (_, fast_logits), fast_grads = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, fast), has_aux=True))(variables["params"])
+    chex.assert_trees_all_close(fast_logits, plain_logits, atol=1e-5)
+    chex.assert_trees_all_close(fast_grads, plain_grads, atol=1e-5)
+
+
+def test_shifted_conv_in_bfloat16_sums_in_float32():
+    layer = ops.layers_for("cpu")["conv"](6, 5, padding=2, dtype=jnp.bfloat16)
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    variables = layer.init(jax.random.key(1), x)
+    out = layer.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    reference_out = conv2d(6, 5, padding=2).apply(variables, x)
+    chex.assert_trees_all_close(out.astype(jnp.float32), reference_out, atol=0.05, rtol=0.02)
