@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def load_fashion_mnist(
     max_train: int | None = None,
     max_test: int | None = None,
     debian_dir: str | os.PathLike = DEBIAN_DIR,
+    progress: bool | None = None,
 ) -> FashionMNIST:
     """Load Fashion-MNIST through TFDS, preparing it first if ``data_dir`` lacks it.
 
@@ -115,15 +117,22 @@ def load_fashion_mnist(
     only read, without TensorFlow. If Debian's files are in ``debian_dir`` they
     are used (no network needed), otherwise TFDS downloads the official files.
     ``max_train`` / ``max_test`` keep only the first N examples of each split.
+    ``progress``: TFDS's progress bars while preparing (None: only when stderr is a
+    terminal).
 
     Raises:
       DataUnavailableError: neither a download nor Debian's files worked, or
         the data set is not prepared and TensorFlow is not installed.
       DataCorruptError: the files fail TFDS's checksums.
     """
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataUnavailableError(f"--data-dir {data_dir} is a file; give the directory "
+                                   "where TFDS keeps (or is to prepare) its data sets")
     tfds = _import_tensorflow_datasets()
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if not builder.is_prepared():
+        if not (sys.stderr.isatty() if progress is None else progress):
+            tfds.disable_progress_bar()
         _prepare(builder, tfds, Path(debian_dir))
     if ARRAY_RECORD in {f.value for f in builder.info.available_file_formats()}:
         read = functools.partial(_read_with_data_source, builder)

@@ -68,12 +68,12 @@ def primary_first(work: Callable[[], T], others: Callable[[], T] | None = None) 
     return (others or work)()
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process (a collective: every process must call
-    it at the same point; on one host it is just `flag`)."""
+def max_over_processes(value: int) -> int:
+    """The largest of `value` over all processes (a collective: every process must call
+    it at the same point; on one host it is just `value`)."""
     if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+        return value
+    return int(multihost_utils.process_allgather(np.int32(value)).max())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,7 @@ class RunDir:
         """Raise RunDirError unless a new run may be made in `path`: it does not
         exist, is an empty directory, or (`force`) may be replaced. Writes nothing."""
         path = Path(path)
+        _check_utf8(path, "--out")
         if path.exists() and not path.is_dir():
             raise RunDirError(f"--out {path} is a file; give a directory")
         if path.is_dir() and any(path.iterdir()) and not force:
@@ -110,6 +111,7 @@ class RunDir:
     def config(self) -> TrainConfig:
         """The run's settings. Raises RunDirError if this is not a run or its
         config.json is damaged."""
+        _check_utf8(self.path, "--resume")
         if not self.path.is_dir():
             raise RunDirError(f"--resume {self.path}: no such directory")
         if not self.config_file.is_file():
@@ -194,3 +196,14 @@ class RunDir:
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def _check_utf8(path: Path, flag: str) -> None:
+    """Checkpoints are written by tensorstore, which takes only UTF-8 paths; a path
+    with other bytes (possible on Linux) is refused here rather than deep inside it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        readable = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise RunDirError(f"{flag} {readable}: the path is not valid UTF-8, which the "
+                          "checkpoint library cannot write; choose a path in UTF-8") from None

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnnjax.checkpoint import CheckpointError, Checkpoints
+from cnnjax.checkpoint import CheckpointError, Checkpoints, DiskFull, is_disk_full
 from cnnjax.config import TrainConfig
 from cnnjax.data import FashionMNIST, eval_batch_indices, load_fashion_mnist, train_batch_indices
-from cnnjax.parallel import DataParallel, any_process, is_primary, primary_first
+from cnnjax.parallel import DataParallel, is_primary, max_over_processes, primary_first
 from cnnjax.plots import plot_curves
 from cnnjax.rundir import RunDir
 from cnnjax.steps import (
@@ -43,7 +43,17 @@ from cnnjax.steps import (
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the run stopped at a step boundary and saved a checkpoint."""
+    """Ctrl-C or SIGTERM: the run stopped at a step boundary and saved a checkpoint."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended:
+        130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + self.signum
 
 
 class Diverged(Exception):
@@ -55,8 +65,10 @@ def describe_device() -> str:
     return f"{device.platform} ({device.device_kind})"
 
 
-class _StopOnSigint:
-    """While active, Ctrl-C sets a flag that the loop checks between steps.
+class _StopOnSignal:
+    """While active, Ctrl-C (SIGINT) or SIGTERM (what Colab, preemptible cloud VMs,
+    SLURM and Kubernetes send before they stop a job) sets a flag that the loop checks
+    between steps; a second one stops at once (KeyboardInterrupt).
 
     With several hosts, the signal may reach the processes at different steps (or
     reach only one), while a checkpoint save is a collective that all must join.
@@ -64,28 +76,38 @@ class _StopOnSigint:
     was interrupted, so that all stop at the same step, save together and exit.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, every: int):
-        self.requested = False
+        self.signum: int | None = None
         self.every = every
         self.processes = jax.process_count()
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def stop_now(self, step: int) -> bool:
         if self.processes == 1:
-            return self.requested
-        return step % self.every == 0 and any_process(self.requested)
+            return self.signum is not None
+        if step % self.every:
+            return False
+        # Every process learns the signal any of them got (0: none).
+        self.signum = max_over_processes(self.signum or 0) or None
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.requested:  # A second Ctrl-C: stop at once.
-            signal.signal(signal.SIGINT, self._previous)
+        if self.signum is not None:  # the second signal: stop at once
+            self._restore()
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        self._restore()
 
 
 @dataclasses.dataclass
@@ -192,8 +214,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
     run.json. Without `keep_checkpoints`, the checkpoints go once the run finishes.
 
     Raises:
-      Interrupted: after Ctrl-C, once the checkpoint is saved.
+      Interrupted: after Ctrl-C or SIGTERM, once the checkpoint is saved.
       Diverged: the loss became NaN or infinite (the last checkpoint is kept).
+      DiskFull: a checkpoint or metrics.json could not be written for lack of space;
+        metrics.json is never ahead of the newest complete checkpoint.
       RunDirError, CheckpointError: `workdir` cannot be used as asked.
     """
     if data is None:
@@ -210,7 +234,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
     if writer:
         def say(line: str) -> None:
             log(line)
-            run_dir.log(line)
+            try:
+                run_dir.log(line)
+            except OSError:  # log.txt is a copy; a full disk is reported where it matters
+                pass
     else:
         def say(line: str) -> None:
             pass
@@ -245,17 +272,47 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
         f"({metrics['dropped_per_epoch']} examples of the last partial batch dropped, "
         f"different ones each epoch); compiled in {run.compile_seconds:.1f}s")
 
-    def save(epoch: int, batch: int) -> None:
-        checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
-                                         "history": metrics["epochs"]})
+    def no_space(what: str) -> DiskFull:
+        """The error for a full disk, once the run is closed and marked interrupted."""
+        err = DiskFull(f"no space left on device while saving {what} in {run_dir.path}; "
+                       f"free space, then --resume {run_dir.path}")
+        try:
+            checkpoints.wait()
+        except Exception:  # noqa: BLE001 -- the failed save, reported as `err`
+            pass
+        checkpoints.remove_incomplete()  # room to record the status in run.json
+        end("interrupted", str(err), quiet=True)
+        return err
 
-    def end(status: str, reason: str | None = None) -> None:
-        checkpoints.wait()
-        checkpoints.close()
-        if writer:
-            run_dir.end(status, reason)
+    def commit(epoch: int, batch: int, what: str) -> None:
+        """Save the state at (epoch, batch) and wait until the checkpoint is on disk,
+        so that nothing written after it (metrics.json) is ever ahead of it."""
+        try:
+            checkpoints.save(state, totals, {"epoch": epoch, "batch": batch,
+                                             "history": metrics["epochs"]})
+            checkpoints.wait()
+        except Exception as err:
+            if is_disk_full(err):
+                raise no_space(what) from None
+            raise
 
-    with _StopOnSigint(every=refresh_every) as sigint:
+    def end(status: str, reason: str | None = None, quiet: bool = False) -> None:
+        """Close the checkpoints (`quiet`: ignoring their errors) and record how the
+        run ended in run.json."""
+        try:
+            checkpoints.wait()
+            checkpoints.close()
+        except Exception:
+            if not quiet:
+                raise
+        finally:
+            if writer:
+                try:
+                    run_dir.end(status, reason)
+                except OSError:  # e.g. the disk is full; the message says more
+                    pass
+
+    with _StopOnSignal(every=refresh_every) as stop:
         for epoch in range(start_epoch, config.epochs):
             batches = run.epoch_batches(epoch)
             first = start_batch if epoch == start_epoch else 0
@@ -266,12 +323,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
                                               else not progress))
             epoch_start = time.perf_counter()
             for batch in range(first, steps_per_epoch):
-                if sigint.stop_now(batch):
+                if stop.stop_now(batch):
                     bar.close()
-                    save(epoch, batch)
                     reason = f"stopped at epoch {epoch + 1}, batch {batch}"
+                    commit(epoch, batch, f"the checkpoint of epoch {epoch + 1}, batch {batch}")
                     end("interrupted", reason)
-                    raise Interrupted(reason)
+                    raise Interrupted(reason, stop.signum)
                 state, totals = run.train_step(state, totals, batches)
                 bar.update()
                 if (batch + 1) % refresh_every == 0:
@@ -303,13 +360,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
                 "train_seconds": train_seconds,
             })
             totals = run.zero_totals()
-            save(epoch + 1, 0)
+            commit(epoch + 1, 0, f"epoch {epoch + 1}'s checkpoint")
             if writer:
-                run_dir.write_metrics(metrics)
-                plot_curves(metrics["epochs"], run_dir.curves_file,
-                            f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
-                            f"{config.resize}x{config.resize}, {config.dtype}, "
-                            f"{describe_device()} x{run.parallel.num_devices}")
+                try:
+                    run_dir.write_metrics(metrics)
+                    plot_curves(metrics["epochs"], run_dir.curves_file,
+                                f"{config.arch}, lr {config.lr}, batch {config.batch_size}, "
+                                f"{config.resize}x{config.resize}, {config.dtype}, "
+                                f"{describe_device()} x{run.parallel.num_devices}")
+                except OSError as err:
+                    if is_disk_full(err):
+                        raise no_space(f"epoch {epoch + 1}'s metrics") from None
+                    raise
             e = metrics["epochs"][-1]
             say(f"epoch {epoch + 1}/{config.epochs}: loss {e['train_loss']:.3f}, "
                 f"train acc {e['train_acc']:.3f}, test acc {e['test_acc']:.3f}, "

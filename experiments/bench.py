@@ -88,17 +88,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def load_data(data_dir: str | None):
-    """The real Fashion-MNIST if it is there, else random uint8 images (throughput
-    does not depend on the pixel values)."""
+def load_data(data_dir: str | None, max_train: int | None = None, max_test: int | None = None):
+    """The real Fashion-MNIST (its first `max_train` / `max_test` images) if it is
+    there, else random uint8 images (throughput does not depend on the pixel values)."""
     try:
-        return data.load_fashion_mnist(data_dir), "fashion_mnist"
+        return data.load_fashion_mnist(data_dir, max_train=max_train,
+                                       max_test=max_test), "fashion_mnist"
     except data.DataUnavailableError:
         rng = np.random.default_rng(0)
         images = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)  # noqa: E731
         labels = lambda n: rng.integers(0, 10, n).astype(np.int32)  # noqa: E731
-        return data.FashionMNIST(images(60000), labels(60000), images(10000),
-                                 labels(10000)), "random"
+        num_train, num_test = max_train or 60_000, max_test or 10_000
+        return data.FashionMNIST(images(num_train), labels(num_train), images(num_test),
+                                 labels(num_test)), "random"
 
 
 def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         return fail(prog, str(err))
 
-    dataset, source = load_data(args.data_dir)
+    dataset, source = load_data(args.data_dir, args.max_train, args.max_test)
     if source == "random":
         print("no Fashion-MNIST found: timing on random images of the same shape",
               file=sys.stderr)

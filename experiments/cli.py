@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import signal
 import sys
 import typing
 from typing import Any
@@ -13,11 +14,16 @@ from typing import Any
 import jax
 
 from cnnjax import config, models
+from cnnjax.checkpoint import CheckpointError, DiskFull
 from cnnjax.config import TrainConfig
+from cnnjax.data import DataUnavailableError
+from cnnjax.parallel import PrimaryFailed
+from cnnjax.rundir import RunDirError
+from cnnjax.train import Diverged, Interrupted
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # the training loss stopped being finite
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the checkpoint is saved
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); 143 (128 + SIGTERM) for SIGTERM
 
 # The fields a recipe sets; their flags default to the recipe's values.
 RECIPE_FIELDS = ("epochs", "lr", "batch_size", "resize", "momentum", "weight_decay",
@@ -48,6 +54,37 @@ def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:
     """Print `prog: error: message` on stderr and return the exit code."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def failure(prog: str, err: BaseException, config: TrainConfig | None = None) -> int | None:
+    """Report an error a run can end with as one line on stderr and return its exit
+    code, or return None for any other error (to be raised). The one place that maps
+    what goes wrong to what the user reads, for every tool that trains."""
+    if isinstance(err, Diverged):
+        hint = f"; try a lower --lr (now {config.lr})" if config else ""
+        return fail(prog, f"{err}{hint}. The last good checkpoint is kept", EXIT_DIVERGED)
+    if isinstance(err, PrimaryFailed):
+        return fail(prog, f"process {jax.process_index()}: {err}")
+    if isinstance(err, (DataUnavailableError, RunDirError, CheckpointError, DiskFull,
+                        UsageError)):
+        return fail(prog, str(err))
+    if "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err):
+        what = (f"training {config.arch} with --batch-size {config.batch_size} at "
+                f"{config.resize}x{config.resize}" if config else "this run")
+        return fail(prog, f"the device ran out of memory {what}; try a smaller --batch-size")
+    return None
+
+
+def interrupted(prog: str, err: BaseException, then: str) -> int:
+    """One line for a run stopped by Ctrl-C or SIGTERM (`Interrupted`, or a second
+    signal's KeyboardInterrupt), ending with `then` (how to continue); its exit code."""
+    if isinstance(err, Interrupted):
+        name = signal.Signals(err.signum).name
+        print(f"{prog}: interrupted by {name} ({err}); checkpoint saved. {then}",
+              file=sys.stderr)
+        return err.exit_code
+    print(f"{prog}: interrupted at once, without saving; {then}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

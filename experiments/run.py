@@ -17,8 +17,9 @@ JAX_COORDINATOR_ADDRESS set), the processes join with jax.distributed.initialize
 and train together; there --out must be a directory every host sees, and only
 process 0 writes into it and prints.
 
-Exit codes: 0 done, 2 bad input (one line says what and how to fix it),
-3 the loss diverged, 130 interrupted with Ctrl-C (resume with --resume).
+Exit codes: 0 done; 2 bad input, a damaged checkpoint or a full disk (one line says
+what and how to fix it); 3 the loss diverged; 130 interrupted with Ctrl-C, 143 with
+SIGTERM (a checkpoint is saved first; resume with --resume).
 """
 
 from __future__ import annotations
@@ -30,15 +31,12 @@ import time
 import jax
 
 from cnnjax import models, runtime
-from cnnjax.checkpoint import CheckpointError
 from cnnjax.config import TrainConfig
-from cnnjax.data import DataUnavailableError, load_fashion_mnist
-from cnnjax.parallel import PrimaryFailed, is_primary, primary_first
+from cnnjax.data import load_fashion_mnist
+from cnnjax.parallel import is_primary, primary_first
 from cnnjax.rundir import RunDir, RunDirError
-from cnnjax.train import Diverged, Interrupted, book_summary, train_and_evaluate
+from cnnjax.train import Interrupted, book_summary, train_and_evaluate
 from experiments.cli import (
-    EXIT_DIVERGED,
-    EXIT_INTERRUPTED,
     UsageError,
     add_config_flags,
     check_devices,
@@ -46,6 +44,8 @@ from experiments.cli import (
     command_line,
     config_overrides,
     fail,
+    failure,
+    interrupted,
     parser_for,
     positive_int,
 )
@@ -132,44 +132,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: TrainConfig, args, prog: str, command: str) -> int:
     out = args.resume or args.out
-    resume_hint = f"python -m experiments.run --resume {out}"
+    progress = False if args.no_progress else None
     try:
         # With several hosts, process 0 prepares the data set while the others wait.
         data = primary_first(lambda: load_fashion_mnist(
-            args.data_dir, max_train=config.max_train, max_test=config.max_test))
+            args.data_dir, max_train=config.max_train, max_test=config.max_test,
+            progress=progress))
         metrics = train_and_evaluate(
             config, out, data=data, resume=bool(args.resume), force=args.force,
-            num_devices=args.devices, command=command,
-            progress=False if args.no_progress else None)
-    except (DataUnavailableError, RunDirError) as err:
-        return fail(prog, str(err))
-    except PrimaryFailed as err:
-        return fail(prog, f"process {jax.process_index()}: {err}")
-    except Interrupted as err:
-        print(f"{prog}: interrupted ({err}); checkpoint saved. Resume with: {resume_hint}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a second Ctrl-C
-        print(f"{prog}: interrupted at once; resume from the newest checkpoint with: "
-              f"{resume_hint}", file=sys.stderr)
-        if jax.process_count() > 1:
+            num_devices=args.devices, command=command, progress=progress)
+    except (Interrupted, KeyboardInterrupt) as err:
+        code = interrupted(prog, err, f"Resume with: python -m experiments.run --resume {out}")
+        if isinstance(err, KeyboardInterrupt) and jax.process_count() > 1:
             # A normal exit would wait at JAX's shutdown barrier for processes that
             # are still stepping; they stop with an error once this one is gone.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
-    except CheckpointError as err:
-        return fail(prog, f"--resume {out}: {err}")
-    except Diverged as err:
-        return fail(prog, f"{err}; try a lower --lr (now {config.lr}). The last good "
-                          f"checkpoint is in {out}/checkpoints", EXIT_DIVERGED)
-    except Exception as err:  # noqa: BLE001 -- only out-of-memory is translated
-        if "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err):
-            return fail(prog, f"the device ran out of memory training {config.arch} with "
-                              f"--batch-size {config.batch_size} at {config.resize}x"
-                              f"{config.resize}; try a smaller --batch-size")
-        raise
+            os._exit(code)
+        return code
+    except Exception as err:  # noqa: BLE001 -- what a run can end with is one line
+        code = failure(prog, err, config)
+        if code is None:
+            raise
+        return code
     if is_primary():
         print(book_summary(metrics))
         print(f"wrote {out}/metrics.json, {out}/curves.png and checkpoints")

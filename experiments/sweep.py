@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ import jax
 
 from cnnjax import runtime
 from cnnjax.config import TrainConfig
-from cnnjax.data import DataUnavailableError, FashionMNIST, load_fashion_mnist
+from cnnjax.data import FashionMNIST, load_fashion_mnist
 from cnnjax.rundir import RunDir, RunDirError, write_json
 from cnnjax.train import Diverged, Interrupted, train_and_evaluate
 from experiments.cli import (
     EXIT_DIVERGED,
-    EXIT_INTERRUPTED,
     ArgumentParser,
     UsageError,
     add_config_flags,
@@ -43,6 +41,8 @@ from experiments.cli import (
     command_line,
     config_overrides,
     fail,
+    failure,
+    interrupted,
     parser_for,
 )
 
@@ -177,15 +177,16 @@ class Sweep(abc.ABC):
                 except Diverged as err:
                     print(f"diverged: {err}", flush=True)
                     diverged.append(f"{run.name} ({err})")
-        except (DataUnavailableError, RunDirError) as err:
-            return fail(prog, str(err))
         except (Interrupted, KeyboardInterrupt) as err:
             self.report(out, load_runs(out), args)  # with the runs finished so far
-            why = f" ({err})" if str(err) else ""
             again = command if " --continue" in command else f"{command} --continue"
-            print(f"{prog}: interrupted{why}; runs that finished are kept, the one in "
-                  f"progress has a checkpoint. Continue with: {again}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return interrupted(prog, err, "Runs that finished are kept; continue with: "
+                                          + again)
+        except Exception as err:  # noqa: BLE001 -- what a run can end with is one line
+            code = failure(prog, err)
+            if code is None:
+                raise
+            return code
         self.report(out, load_runs(out), args)
         print(f"wrote {out}/REPORT.md")
         if diverged and self.divergence_fails:

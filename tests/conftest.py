@@ -1,10 +1,25 @@
 """Shared fixtures: the real Fashion-MNIST, prepared once per test session."""
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+# Many tests compile the same small programs, in this process and in the command-line
+# tools they start: JAX's persistent cache keeps each compiled program on disk once.
+# Set before JAX is imported (it reads these once); subprocesses inherit them.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "cnnjax-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from cnnjax import data, runtime
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from cnnjax import data, runtime  # noqa: E402
 
 DEBIAN_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -17,6 +32,15 @@ DEBIAN_FILES = (
 def pytest_configure(config):
     # The XLA settings the command-line tools apply, before any test starts JAX.
     runtime.configure()
+    # The tests in this process compile many programs and run each for a few steps:
+    # XLA's CPU backend without its LLVM optimisations compiles them about twice as
+    # fast. Only this process gets that (XLA reads the flag once, when JAX starts its
+    # CPU backend, here); the command-line tools that tests start as processes, which
+    # train for longer, get the flags back unchanged.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    jax.devices()
+    os.environ["XLA_FLAGS"] = flags
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +56,27 @@ def debian_dir() -> Path:
     return path
 
 
+# What preparing the data set printed (see `fashion_mnist_dir`).
+PREPARED = {}
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory: pytest.TempPathFactory, debian_dir: Path) -> str:
-    """A TFDS ``data_dir`` holding the prepared real data set (about 20 s, once per session)."""
-    data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
-    data.load_fashion_mnist(str(data_dir), max_train=1, max_test=1, debian_dir=debian_dir)
+    """A TFDS ``data_dir`` holding the prepared real data set (about 25 s, once per
+    test run, shared by the parallel workers), prepared in a fresh process with
+    progress off; what it printed is kept in PREPARED for the test that checks it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    data_dir, record = root / "tensorflow_datasets", root / "tensorflow_datasets.json"
+    with FileLock(str(root / "tensorflow_datasets.lock")):
+        if not record.exists():
+            code = ("from cnnjax import data; "
+                    f"data.load_fashion_mnist({str(data_dir)!r}, max_train=1, max_test=1, "
+                    f"debian_dir={str(debian_dir)!r}, progress=False)")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, cwd=Path(__file__).resolve().parents[1])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            record.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+    PREPARED.update(json.loads(record.read_text()))
     return str(data_dir)

@@ -47,64 +47,81 @@ BAD_INPUTS = [
 ]
 
 
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """`experiments.run`'s exit code and stderr, in this process (an argparse error
+    exits through SystemExit, as it does on the command line)."""
+    from experiments import run
+
+    try:
+        code = run.main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) or "none" for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = run_cli(*args, "--out", str(out), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    code, stderr = run_main([*args, "--out", str(out)], capsys)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert lines[0].startswith("python -m experiments.run: error: ")
     assert not out.exists()
 
 
-def test_out_holding_another_run_is_refused(tmp_path):
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    # The same path as above, end to end in a fresh process.
+    proc = run_cli("--arch", "lenet", "--lr", "0", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("python -m experiments.run: error: argument --lr: expected "
+                                   "a finite number > 0, got 0 (see --help)")
+
+
+def test_out_holding_another_run_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    proc = run_cli("--arch", "lenet", "--out", str(out), "--max-train", "256", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "already holds files" in proc.stderr and "--resume" in proc.stderr
-    assert "--force" in proc.stderr
+    code, stderr = run_main(["--arch", "lenet", "--out", str(out), "--max-train", "256"], capsys)
+    assert code == 2
+    assert "already holds files" in stderr and "--resume" in stderr and "--force" in stderr
     assert (out / "metrics.json").read_text() == "{}"
 
 
-def test_out_that_cannot_be_written(tmp_path, fashion_mnist_dir):
+def test_out_that_cannot_be_written(tmp_path, fashion_mnist_dir, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = run_cli("--arch", "lenet", "--out", str(blocker / "run"), "--max-train", "256",
-                   "--max-test", "10", "--data-dir", fashion_mnist_dir, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "cannot be written" in proc.stderr
+    code, stderr = run_main(["--arch", "lenet", "--out", str(blocker / "run"), "--max-train",
+                             "256", "--max-test", "10", "--data-dir", fashion_mnist_dir], capsys)
+    assert code == 2 and "cannot be written" in stderr
 
 
-def test_resume_errors(tmp_path):
-    proc = run_cli("--resume", str(tmp_path / "missing"), cwd=tmp_path)
-    assert proc.returncode == 2 and "no such directory" in proc.stderr
-    proc = run_cli("--resume", str(tmp_path), cwd=tmp_path)
-    assert proc.returncode == 2 and "not a cnnjax run" in proc.stderr
+def test_resume_errors(tmp_path, capsys):
+    code, stderr = run_main(["--resume", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "no such directory" in stderr
+    code, stderr = run_main(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and "not a cnnjax run" in stderr
 
     run = tmp_path / "run"
     run.mkdir()
     config = {"arch": "lenet_bn", "epochs": 2, "lr": 1.0, "batch_size": 256, "resize": 28,
               "seed": 0, "momentum": 0.0, "weight_decay": 0.0, "max_train": 512, "max_test": 64}
     (run / "config.json").write_text(json.dumps(config))
-    proc = run_cli("--resume", str(run), "--arch", "lenet", "--lr", "0.5", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "--arch lenet (the run has lenet_bn)" in proc.stderr
-    assert "--lr 0.5 (the run has 1.0)" in proc.stderr
+    code, stderr = run_main(["--resume", str(run), "--arch", "lenet", "--lr", "0.5"], capsys)
+    assert code == 2
+    assert "--arch lenet (the run has lenet_bn)" in stderr
+    assert "--lr 0.5 (the run has 1.0)" in stderr
 
     # A run whose checkpoints are gone cannot continue; starting over is the way out.
-    proc = run_cli("--resume", str(run), cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    code, stderr = run_main(["--resume", str(run)], capsys)
+    assert code == 2
+    (line,) = stderr.strip().splitlines()
     assert "there is no checkpoint to resume from" in line
     assert f"--out {run} --force" in line
 
     (run / "config.json").write_text(json.dumps({**config, "lr": -1}))
-    proc = run_cli("--resume", str(run), cwd=tmp_path)
-    assert proc.returncode == 2 and "config.json is damaged (lr: expected a finite number" \
-        in proc.stderr
+    code, stderr = run_main(["--resume", str(run)], capsys)
+    assert code == 2 and "config.json is damaged (lr: expected a finite number" in stderr
 
 
 def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
@@ -122,14 +139,39 @@ def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_diverging_run_stops_with_exit_3(tmp_path, fashion_mnist_dir):
-    # The book trains GoogLeNet with lr 0.1; at lr 10 the loss is NaN within a few steps.
+    # SGD with momentum 1000 grows every step by about 1000x: the loss overflows in
+    # the second epoch (of 8 steps each).
     out = tmp_path / "run"
-    proc = run_cli("--arch", "googlenet", "--lr", "10", "--resize", "32", "--batch-size", "64",
-                   "--max-train", "512", "--max-test", "64", "--epochs", "2",
+    proc = run_cli("--arch", "lenet", "--lr", "1e10", "--momentum", "1000", "--batch-size", "64",
+                   "--max-train", "512", "--max-test", "64", "--epochs", "3",
                    "--data-dir", fashion_mnist_dir, "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("python -m experiments.run: error:")]
-    assert "the loss became NaN in epoch 1 at step" in line and "lower --lr" in line
-    assert not (out / "metrics.json").exists()  # no epoch finished
-    assert not any((out / "checkpoints").iterdir())  # nothing non-finite was saved
+    assert "the loss became NaN in epoch 2 at step" in line and "lower --lr" in line
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1  # the finished epoch is kept ...
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["8"]  # ... and saved,
+    # nothing non-finite is
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "diverged" and info["reason"].startswith("the loss became NaN")
+
+
+def test_out_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/run-\xff")  # a valid Linux path, not UTF-8
+    code, stderr = run_main(["--arch", "lenet", "--out", out], capsys)
+    assert code == 2
+    (line,) = stderr.strip().splitlines()
+    assert "run-\\xff: the path is not valid UTF-8" in line
+    assert not os.path.exists(out)
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code, stderr = run_main(["--arch", "lenet", "--max-train", "256", "--data-dir",
+                             str(not_a_dir), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    (line,) = stderr.strip().splitlines()
+    assert f"--data-dir {not_a_dir} is a file" in line
+    assert not (tmp_path / "out").exists()

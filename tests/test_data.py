@@ -309,3 +309,14 @@ def test_random_crop_flip_is_a_shifted_and_maybe_mirrored_window():
     # The same key gives the same batch (so a resumed run sees the same crops).
     again = data.random_crop_flip(jnp.asarray(images), jax.random.key(0), padding=2)
     np.testing.assert_array_equal(out, again)
+
+
+def test_preparing_with_progress_off_prints_no_progress_bars(fashion_mnist_dir):
+    # The session's data set was prepared with progress=False (what --no-progress and
+    # a non-terminal stderr give); TFDS's bars would print "Generating splits..." and
+    # "Shuffling ..." lines with their percentages.
+    from conftest import PREPARED
+
+    output = PREPARED["stdout"] + PREPARED["stderr"]
+    for bar in ("Generating", "Shuffling", "%|"):
+        assert bar not in output, output[-2000:]

@@ -59,10 +59,10 @@ def test_layers_for_each_backend():
     assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
 
 
-@pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("vgg11", 32)])
-def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
+@pytest.mark.parametrize("name", ["lenet", "lenet_bn"])  # VGG's 3x3 case: above
+def test_networks_built_with_the_cpu_layers_compute_the_same(name):
     plain, fast = models.get_model(name), models.get_model(name, **ops.layers_for("cpu"))
-    x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))
+    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
     variables = plain.init({"params": jax.random.key(1)}, x)
     labels = jnp.arange(4) % 10
 

@@ -32,14 +32,14 @@ def run_python(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_eight_devices_train_like_one(fashion_mnist_dir, tmp_path):
-    # 300 SGD steps of LeNet with batch norm on the real data, global batch 64:
+    # 100 SGD steps of LeNet with batch norm on the real data, global batch 64:
     # once on 1 device, once split 8 ways (8 images per device). Batch norm's
     # statistics are over the global batch either way.
     proc = run_python(f"""
         from experiments.run import main
         # main() sets the devices up before JAX starts; nothing may touch them before.
         for n in (1, 8):
-            code = main(["--arch", "lenet_bn", "--batch-size", "64", "--max-train", "19200",
+            code = main(["--arch", "lenet_bn", "--batch-size", "64", "--max-train", "6400",
                          "--max-test", "512", "--epochs", "1", "--devices", str(n),
                          "--data-dir", {fashion_mnist_dir!r}, "--no-progress",
                          "--out", {str(tmp_path)!r} + f"/devices{{n}}"])
@@ -49,9 +49,9 @@ def test_eight_devices_train_like_one(fashion_mnist_dir, tmp_path):
     one, eight = (json.loads((tmp_path / f"devices{n}" / "metrics.json").read_text())
                   for n in (1, 8))
     assert (one["device_count"], eight["device_count"]) == (1, 8)
-    assert eight["train_examples_per_epoch"] == 300 * 64
+    assert eight["train_examples_per_epoch"] == 100 * 64
     (a,), (b,) = one["epochs"], eight["epochs"]
-    assert a["train_loss"] < 1.0  # it learned (chance is 2.3)
+    assert a["train_loss"] < 1.5 and a["test_acc"] > 0.6  # it learned (chance: 2.3, 0.1)
     assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
     assert abs(a["test_acc"] - b["test_acc"]) <= 2 / 512  # at most 2 images flip
 
@@ -119,13 +119,14 @@ def our_lines(text: str) -> list[str]:
 
 def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
     # Two processes with two devices each, as two hosts would run them, sharing the
-    # output directory: 3 epochs of 100 steps, with Ctrl-C sent to process 0 alone
-    # after epoch 1, then resumed; against the same run on one device. At the
-    # recipe's lr of 1.0 with batch 64, 600 steps amplify the different order of
-    # float32 additions to ~2e-4 (as between 1 and 4 devices in one process);
-    # at lr 0.3 the runs agree to ~1e-6.
+    # output directory: 3 epochs of 32 steps, with Ctrl-C sent to process 0 alone
+    # after epoch 1 (the processes agree at the start of each epoch, so they stop at
+    # the start of epoch 2 or 3), then resumed; against the same run on one device.
+    # At the recipe's lr of 1.0 with batch 64, 600 steps amplify the different order
+    # of float32 additions to ~2e-4 (as between 1 and 4 devices in one process); at
+    # lr 0.3 the runs agree to ~1e-6.
     common = ["--arch", "lenet_bn", "--batch-size", "64", "--lr", "0.3",
-              "--max-train", "6400", "--max-test", "512", "--epochs", "3",
+              "--max-train", "2048", "--max-test", "512", "--epochs", "3",
               "--data-dir", fashion_mnist_dir, "--no-progress"]
     one = subprocess.run([sys.executable, "-m", "experiments.run", *common,
                           "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
@@ -139,11 +140,12 @@ def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
         time.sleep(0.05)
     started[0].send_signal(signal.SIGINT)  # epoch 1 is done
     host0, host1 = finish(started)
-    # Both stop at the same step (the processes agree every 100 steps) and save it.
-    assert (host0.returncode, host1.returncode) == (130, 130), host0.stderr[-3000:]
+    # Both stop at the same step and save it.
+    assert (host0.returncode, host1.returncode) == (130, 130), (host0.stderr[-3000:],
+                                                                 host1.stderr[-3000:])
     stops = [our_lines(proc.stderr) for proc in (host0, host1)]
     assert stops[0] == stops[1] and len(stops[0]) == 1, stops
-    assert re.search(r"interrupted \(stopped at epoch [23], batch 0\); "
+    assert re.search(r"interrupted by SIGINT \(stopped at epoch [23], batch 0\); "
                      r"checkpoint saved", stops[0][0]), stops[0][0]
 
     host0, host1 = finish(start_cluster(["--resume", str(out)]))
@@ -157,7 +159,7 @@ def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
     for a, b in zip(single["epochs"], cluster["epochs"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
         assert abs(a["test_acc"] - b["test_acc"]) <= 2 / 512
-    assert single["epochs"][-1]["train_loss"] < 0.7  # it learned (chance is 2.3)
+    assert single["epochs"][-1]["test_acc"] > 0.6  # it learned (chance is 0.1)
 
     # Bad input (here: --out is taken) stops every process, each with one line,
     # instead of leaving some waiting for the others.
