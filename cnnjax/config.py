@@ -26,6 +26,7 @@ from cnnjax.models import registry
 RECIPES = ("classic", "modern")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
+INITS = ("book", "zeros")
 
 
 # --- checks shared by the dataclass and the command line ----------------------------------
@@ -105,6 +106,9 @@ class TrainConfig:
                             "every training image, on the device", boolean)
     seed: int = setting(0, "seed of initialisation, shuffling, dropout and augmentation",
                         any_int, metavar="S")
+    init: str = setting("book", "initial biases: book (as the book's train_ch6 leaves them: "
+                        "PyTorch's default, uniform in +-1/sqrt(fan_in)) or zeros (Flax's "
+                        "default); kernels are Xavier-uniform either way", choices=INITS)
     max_train: int | None = setting(None, "train on the first N training images only "
                                     "(quick runs; default all 60,000)", positive_int,
                                     optional=True, metavar="N")
@@ -155,7 +159,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def is_full_recipe(self) -> bool:
-        """Whether this is exactly its recipe (seed and dtype aside) on all the data."""
+        """Whether this is exactly its recipe (seed, initialisation and dtype aside) on
+        all the data."""
         recipe = recipe_settings(self.arch, self.recipe)
         return (all(getattr(self, k) == v for k, v in recipe.items())
                 and self.max_train is None and self.max_test is None)
@@ -164,7 +169,8 @@ class TrainConfig:
 # --- the recipes --------------------------------------------------------------------------
 
 # The book's `train_ch6`: lr, batch size and input size of each network as its chapter
-# trains it (d2l §6.6 and §7.1-7.7), 10 epochs of plain SGD at a constant lr.
+# trains it (d2l §6.6 and §7.1-7.7; RegNetX-32 from the English edition's §8.8, whose
+# `d2l.Trainer` does the same), 10 epochs of plain SGD at a constant lr.
 BOOK: dict[str, dict[str, Any]] = {
     "lenet": dict(lr=0.9, batch_size=256, resize=28),
     "lenet_bn_scratch": dict(lr=1.0, batch_size=256, resize=28),
@@ -176,6 +182,7 @@ BOOK: dict[str, dict[str, Any]] = {
     "resnet18": dict(lr=0.05, batch_size=256, resize=96),
     "resnet34": dict(lr=0.05, batch_size=256, resize=96),
     "densenet": dict(lr=0.05, batch_size=256, resize=96),
+    "regnetx32": dict(lr=0.05, batch_size=128, resize=96),
 }
 
 # The ResNet paper's small-image networks (degradation experiment) get the paper's
@@ -214,7 +221,7 @@ def recipe_settings(arch: str, recipe: str = "classic") -> dict[str, Any]:
 # (docs/performance.md).
 QUICK_SUBSET = dict(epochs=2, max_train=2048, max_test=1000)
 QUICK_RESIZE = {"alexnet": 96, "vgg11": 64, "nin": 96, "googlenet": 64, "resnet18": 96,
-                "resnet34": 96, "densenet": 64}
+                "resnet34": 96, "densenet": 64, "regnetx32": 64}
 # experiments.degradation --quick: 8 epochs on 6,400 images (about 30 minutes on 2 cores).
 DEGRADATION_QUICK = dict(epochs=8, max_train=6_400, max_test=2_000)
 

@@ -11,12 +11,18 @@ On a CPU:
 - a stride-1 convolution of a one-channel input (the first layer of LeNet and VGG on
   Fashion-MNIST) runs as `shifted_conv`, the book's cross-correlation (§6.2) as a sum
   of shifted inputs, which XLA:CPU fuses into one loop several times faster than its
-  convolution.
+  convolution;
+- a 1x1 convolution, and one with a small output map (at most 2x2; at most 4x4 with
+  a stride above 1 or a kernel larger than the map: the last stages of ResNet,
+  GoogLeNet and DenseNet at 64x64 and below) runs as `im2col_conv`, one matrix
+  product over the image patches. XLA:CPU computes it, with both gradients, 1.1 to
+  2x faster than its convolution for 1x1 kernels and up to 40x faster on 2x2 maps.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -66,20 +72,51 @@ def _shifted_conv_backward(padding, saved, grad_out):
 shifted_conv.defvjp(_shifted_conv_forward, _shifted_conv_backward)
 
 
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                padding) -> jax.Array:
+    """A convolution of x (N, H, W, C) with a kernel (kh, kw, C, O) as one matrix
+    product: the kh * kw shifted, strided views of the padded input side by side
+    (the patches, (N, Ho, Wo, kh * kw * C)) times the kernel as a (kh * kw * C, O)
+    matrix. Equal to `lax.conv_general_dilated`; its gradients are JAX's, through
+    the slices and the product."""
+    kh, kw, c, o = kernel.shape
+    sh, sw = strides
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    patches = jnp.concatenate(
+        [x[:, a:a + sh * (out_h - 1) + 1:sh, b:b + sw * (out_w - 1) + 1:sw, :]
+         for a in range(kh) for b in range(kw)], axis=-1)
+    return jnp.dot(patches, kernel.reshape(kh * kw * c, o))
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
+    return (size + sum(padding) - kernel) // stride + 1
+
+
 def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                              rhs_dilation=None, dimension_numbers=None,
                              feature_group_count=1, precision=None,
                              preferred_element_type=None):
     """`lax.conv_general_dilated` as `nn.Conv` calls it, with the one-channel
-    stride-1 case (see the module docstring) sent to `shifted_conv`. The case is
-    decided from static shapes while the model is traced, not at run time."""
+    stride-1 case sent to `shifted_conv` and small output maps to `im2col_conv` (see
+    the module docstring). The case is decided from static shapes while the model is
+    traced, not at run time."""
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if (lhs.ndim == 4 and rhs.shape[2] == 1 and tuple(window_strides) == (1, 1)
-            and undilated and feature_group_count == 1 and not isinstance(padding, str)
-            and precision is None and preferred_element_type is None
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)):
-        return shifted_conv(lhs, rhs, tuple(map(tuple, padding)))
+    plain_2d = (lhs.ndim == 4 and undilated and feature_group_count == 1
+                and not isinstance(padding, str) and precision is None
+                and preferred_element_type is None
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if plain_2d:
+        pads, strides = tuple(map(tuple, padding)), tuple(window_strides)
+        if rhs.shape[2] == 1 and strides == (1, 1):
+            return shifted_conv(lhs, rhs, pads)
+        out = [_output_size(lhs.shape[1 + i], rhs.shape[i], strides[i], pads[i])
+               for i in range(2)]
+        small = math.prod(out) <= 4 or (math.prod(out) <= 16 and (
+            strides != (1, 1) or rhs.shape[0] > out[0] or rhs.shape[1] > out[1]))
+        if rhs.shape[:2] == (1, 1) or small:
+            return im2col_conv(lhs, rhs, strides, pads)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision,

@@ -8,12 +8,17 @@ line tools call it first thing; in a notebook, call it in the first cell:
 
 Called later, the XLA settings come too late to matter (XLA reads them at start-up);
 nothing breaks, they just do not apply. Importing cnnjax does not call it.
+
+`warn_if_gpu_unused()` then says in one line when the machine has an NVIDIA GPU
+that JAX does not use (JAX's CPU build installed: `pip install -e ".[cuda]"`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 
 import jax
 
@@ -83,3 +88,29 @@ def configure() -> None:
                                                          ("process_id", "JAX_PROCESS_ID"))
                   if name in env}
         jax.distributed.initialize(**counts)
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU, as its driver shows it: the device
+    file /dev/nvidia0 or the `nvidia-smi` program."""
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
+def unused_gpu_warning(backend: str, nvidia_present: bool) -> str | None:
+    """The warning for a machine with an NVIDIA GPU (`nvidia_present`) on which JAX
+    runs on the CPU (`backend`, as `jax.default_backend()` names it), or None."""
+    if backend != "cpu" or not nvidia_present:
+        return None
+    return ("warning: this machine has an NVIDIA GPU but JAX sees only the CPU; to train "
+            'on the GPU: pip install -e ".[cuda]" (or pip install -U "jax[cuda12]")')
+
+
+def warn_if_gpu_unused() -> None:
+    """Print `unused_gpu_warning` for this machine on stderr if it applies, unless
+    JAX_PLATFORMS chooses the platforms. Starts JAX's backends, so call it after
+    `configure()`."""
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    warning = unused_gpu_warning(jax.default_backend(), nvidia_gpu_present())
+    if warning:
+        print(warning, file=sys.stderr)

@@ -36,6 +36,7 @@ import optax
 from flax.training import train_state
 
 from cnnjax import models, ops
+from cnnjax.models import common
 from cnnjax.config import TrainConfig
 from cnnjax.data import preprocess, random_crop_flip
 
@@ -89,15 +90,18 @@ def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
                        sharding: jax.sharding.Sharding | None = None,
                        steps_per_epoch: int = 1) -> TrainState:
     """Initialise `model` for `config.resize`-sized one-channel images, placing every
-    array of the state with `sharding` (e.g. replicated over a mesh). An lr schedule
-    needs the run's `steps_per_epoch`."""
+    array of the state with `sharding` (e.g. replicated over a mesh), with the biases
+    `config.init` names. An lr schedule needs the run's `steps_per_epoch`."""
     params_key, dropout_key = jax.random.split(key)
     x = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
 
     @functools.partial(jax.jit, out_shardings=sharding)
     def init():
         variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+        params = variables["params"]
+        if config.init == "book":
+            params = common.torch_default_biases(params, jax.random.fold_in(params_key, 1))
+        return TrainState.create(apply_fn=model.apply, params=params,
                                  batch_stats=variables.get("batch_stats", {}),
                                  tx=make_optimizer(config, steps_per_epoch))
 
@@ -153,13 +157,17 @@ def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax
     return new_state, totals
 
 
+def predict_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
+    """The logits of `uint8` images (N, 28, 28, 1), scaled and resized to `resize` as
+    in training, with the moving BN statistics and no dropout."""
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          preprocess(images, resize), train=False)
+
+
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,
               mask: jax.Array, resize: int) -> jax.Array:
-    """The number of correct predictions on `images[indices]` (where `mask`), using
-    the moving BN statistics and no dropout."""
-    x = preprocess(images[indices], resize)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            x, train=False)
+    """The number of correct predictions on `images[indices]` (where `mask`)."""
+    logits = predict_logits(state, images[indices], resize)
     return jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)
 
 

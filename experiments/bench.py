@@ -76,8 +76,11 @@ def build_parser() -> ArgumentParser:
                         help="run K training steps per call to the device, in a "
                              "lax.scan, unrolled (default 1: one call per step, as training "
                              "does)")
-    parser.add_argument("--torch", action="store_true",
-                        help="also time the PyTorch version in the same run (needs torch)")
+    parser.add_argument("--torch", nargs="*", choices=("book", "tuned"), metavar="FLAVOUR",
+                        help="also time the PyTorch version in the same run (needs torch): "
+                             "book (the book's eager float32 loop) and, on a GPU, tuned "
+                             "(channels-last, bf16 autocast, torch.compile); name one to "
+                             "time only that one")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="TFDS data_dir with Fashion-MNIST (default: TFDS's); with no "
                              "data, random images of the same shape are used, and said so")
@@ -160,22 +163,26 @@ def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
     return result
 
 
-def time_torch(config, dataset, windows: int, steps: int) -> dict:
+def time_torch(config, dataset, windows: int, steps: int, flavours: list[str]) -> dict:
+    """PyTorch's img/s for `flavours` ([] means book, and tuned on a GPU)."""
     import torch
 
     from experiments import torch_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    flavours = flavours or ["book"] + (["tuned"] if device == "cuda" else [])
     common = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
                   device=device, windows=windows, steps_per_window=steps,
                   images=dataset.train_images, labels=dataset.train_labels)
-    book = torch_models.time_training(config.arch, flavour="book", **common)
-    result = {"torch_img_per_s": round(book["img_per_s"], 1), "torch_device": device,
-              "torch_threads": book["threads"], "torch_version": book["torch_version"]}
-    if device == "cuda":
+    result = {"torch_device": device, "torch_version": torch.__version__}
+    if "book" in flavours:
+        book = torch_models.time_training(config.arch, flavour="book", **common)
+        result.update(torch_img_per_s=round(book["img_per_s"], 1),
+                      torch_threads=book["threads"])
+    if "tuned" in flavours:
         tuned = torch_models.time_training(config.arch, flavour="tuned", **common)
-        result["torch_tuned_img_per_s"] = round(tuned["img_per_s"], 1)
-        result["torch_tuned_compiled"] = tuned["compiled"]
+        result.update(torch_tuned_img_per_s=round(tuned["img_per_s"], 1),
+                      torch_tuned_compiled=tuned["compiled"])
     return result
 
 
@@ -194,7 +201,8 @@ def markdown_table(rows: list[dict]) -> str:
                  f"{r['flops_per_step'] / 1e9:,.1f}"]
         cells += [f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"] if has_mfu else []
         if has_torch:
-            cells += [f"{r['torch_img_per_s']:,.0f}", f"{r['ratio']:.2f}x"]
+            cells += ([f"{r['torch_img_per_s']:,.0f}", f"{r['ratio']:.2f}x"]
+                      if "torch_img_per_s" in r else ["-", "-"])
         if has_tuned:
             cells += ([f"{r['torch_tuned_img_per_s']:,.0f}", f"{r['ratio_tuned']:.2f}x"]
                       if "torch_tuned_img_per_s" in r else ["-", "-"])
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UsageError(f"unknown --arch {', '.join(unknown)}; valid names: "
                              + ", ".join(models.list_models()))
-        if args.torch:
+        if args.torch is not None:
             try:
                 import torch  # noqa: F401
             except ImportError:
@@ -243,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.steps_per_dispatch))
         if args.steps_per_dispatch > 1:
             row["steps_per_dispatch"] = args.steps_per_dispatch
-        if args.torch:
-            row.update(time_torch(config, dataset, args.windows, args.steps))
-            row["ratio"] = round(row["jax_img_per_s"] / row["torch_img_per_s"], 3)
+        if args.torch is not None:
+            row.update(time_torch(config, dataset, args.windows, args.steps, args.torch))
+            if "torch_img_per_s" in row:
+                row["ratio"] = round(row["jax_img_per_s"] / row["torch_img_per_s"], 3)
             if "torch_tuned_img_per_s" in row:
                 row["ratio_tuned"] = round(row["jax_img_per_s"] / row["torch_tuned_img_per_s"], 3)
         line = json.dumps(row)

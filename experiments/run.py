@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(models.summary(args.arch, resize))
             return 0
         runtime.configure()  # before anything starts JAX's devices
+        runtime.warn_if_gpu_unused()
         config = resolve_config(args)
         if not args.resume:
             args.out = args.out or f"runs/{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"

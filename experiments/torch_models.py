@@ -343,6 +343,58 @@ def densenet(num_convs_in_dense_blocks=(4, 4, 4, 4), growth_rate: int = 32) -> n
         nn.Linear(num_channels, 10))
 
 
+# --- ResNeXt blocks and AnyNet/RegNetX-32 (the English edition's §8.6.5 and §8.8) ----
+
+class ResNeXtBlock(nn.Module):
+    """1x1 conv to bot_channels, 3x3 grouped conv (groups of `groups` channels), 1x1
+    conv back, each with batch norm; the input (through a 1x1 conv and batch norm
+    with `use_1x1conv`) added before the last ReLU."""
+
+    def __init__(self, input_channels, num_channels, groups, bot_mul, use_1x1conv=False,
+                 strides=1):
+        super().__init__()
+        bot_channels = int(round(num_channels * bot_mul))
+        self.conv1 = nn.Conv2d(input_channels, bot_channels, kernel_size=1, stride=1)
+        self.conv2 = nn.Conv2d(bot_channels, bot_channels, kernel_size=3, stride=strides,
+                               padding=1, groups=bot_channels // groups)
+        self.conv3 = nn.Conv2d(bot_channels, num_channels, kernel_size=1, stride=1)
+        self.bn1 = nn.BatchNorm2d(bot_channels)
+        self.bn2 = nn.BatchNorm2d(bot_channels)
+        self.bn3 = nn.BatchNorm2d(num_channels)
+        if use_1x1conv:
+            self.conv4 = nn.Conv2d(input_channels, num_channels, kernel_size=1,
+                                   stride=strides)
+            self.bn4 = nn.BatchNorm2d(num_channels)
+        else:
+            self.conv4 = None
+
+    def forward(self, X):
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = F.relu(self.bn2(self.conv2(Y)))
+        Y = self.bn3(self.conv3(Y))
+        if self.conv4:
+            X = self.bn4(self.conv4(X))
+        return F.relu(Y + X)
+
+
+def anynet(arch=((4, 32, 16, 1), (6, 80, 16, 1)), stem_channels=32) -> nn.Module:
+    """AnyNet: a 3x3/2 conv stem with batch norm and ReLU, one stage of ResNeXt blocks
+    per (depth, channels, groups, bot_mul) entry of `arch` (the first block of each
+    halves the resolution), global average pool, dense. The default is RegNetX-32."""
+    layers = [nn.Sequential(nn.Conv2d(1, stem_channels, kernel_size=3, stride=2, padding=1),
+                            nn.BatchNorm2d(stem_channels), nn.ReLU())]
+    in_channels = stem_channels
+    for depth, num_channels, groups, bot_mul in arch:
+        blocks = [ResNeXtBlock(in_channels, num_channels, groups, bot_mul,
+                               use_1x1conv=True, strides=2)]
+        blocks += [ResNeXtBlock(num_channels, num_channels, groups, bot_mul)
+                   for _ in range(depth - 1)]
+        layers.append(nn.Sequential(*blocks))
+        in_channels = num_channels
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+                         nn.Linear(in_channels, 10))
+
+
 # --- the zoo -----------------------------------------------------------------------
 
 _BUILDERS = {
@@ -356,6 +408,7 @@ _BUILDERS = {
     "resnet18": lambda r: resnet((2, 2, 2, 2)),
     "resnet34": lambda r: resnet((3, 4, 6, 3)),
     "densenet": lambda r: densenet(),
+    "regnetx32": lambda r: anynet(),
 }
 
 

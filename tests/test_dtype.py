@@ -19,7 +19,7 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 # Small inputs every layer still accepts (AlexNet and NiN need at least 65x65).
 SMALL_RESIZE = {"lenet": 28, "lenet_bn_scratch": 28, "lenet_bn": 28, "alexnet": 67,
                 "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "resnet34": 32,
-                "densenet": 32}
+                "densenet": 32, "regnetx32": 32}
 # bfloat16 keeps 8 significant bits: one rounding is off by up to 2**-8 (~0.4%), and
 # the errors of the many layers add up. Measured on these networks (several seeds,
 # fresh inits and the random variables below), the bf16 logits differ from the

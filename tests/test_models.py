@@ -11,9 +11,11 @@ import pytest
 
 from cnnjax import config, models, reference
 from cnnjax.models import (
+    AnyNet,
     DenseBlock,
     Inception,
     Residual,
+    ResNeXtBlock,
     count_params,
     nin_block,
     transition_block,
@@ -21,12 +23,12 @@ from cnnjax.models import (
 )
 
 ALL = models.list_models()
-WITH_BN = {"lenet_bn_scratch", "lenet_bn", "resnet18", "resnet34", "densenet"}
+WITH_BN = {"lenet_bn_scratch", "lenet_bn", "resnet18", "resnet34", "densenet", "regnetx32"}
 WITH_DROPOUT = {"alexnet", "vgg11", "nin"}
 # Small inputs that every layer of each network still accepts, for tests that compute.
 SMALL_RESIZE = {"lenet": 28, "lenet_bn_scratch": 28, "lenet_bn": 28, "alexnet": 67,
                 "vgg11": 32, "nin": 67, "googlenet": 32, "resnet18": 32, "resnet34": 32,
-                "densenet": 32}
+                "densenet": 32, "regnetx32": 32}
 
 
 def init(module: nn.Module, x: jnp.ndarray, **kwargs):
@@ -71,6 +73,21 @@ def test_vgg_and_nin_blocks():
                       (2, 4, 4, 8))
     chex.assert_shape(output_shape(nin_block(8, kernel_size=11, strides=4, padding=0),
                                    jnp.ones((1, 224, 224, 1))), (1, 54, 54, 8))
+
+
+def test_resnext_block_shapes():
+    # The shapes d2l-en §8.6.5 prints.
+    x = jnp.ones((4, 96, 96, 32))
+    chex.assert_shape(output_shape(ResNeXtBlock(32, 16, 1), x), (4, 96, 96, 32))
+    chex.assert_shape(output_shape(ResNeXtBlock(64, 16, 1, use_1x1conv=True, strides=2), x),
+                      (4, 48, 48, 64))
+
+
+def test_resnext_block_groups_are_channels_wide():
+    # `groups` is the width of a group: 32 channels in groups of 16 is 2 groups, so
+    # the 3x3 kernel sees 16 input channels.
+    variables = jax.eval_shape(lambda: init(ResNeXtBlock(32, 16, 1), jnp.ones((1, 8, 8, 32))))
+    chex.assert_shape(variables["params"]["Conv_1"]["kernel"], (3, 3, 16, 32))
 
 
 def test_inception_output_channels():
@@ -157,6 +174,39 @@ def test_resnet_parameter_counts_by_hand():
     assert resnet_params((2, 2, 2, 2)) == reference.parameter_count("resnet18")
 
 
+def anynet_params(stem: int, stages, groups: int) -> int:
+    """AnyNet's parameter count (bot_mul 1) worked out by hand from d2l-en §8.6.5 and
+    §8.8: per block three convs (the middle one grouped) and, in a stage's first
+    block, the 1x1 shortcut conv, each followed by batch norm (scale and shift)."""
+    total, c_in = conv_params(1, stem, 3) + 2 * stem, stem
+    for depth, c in stages:
+        for i in range(depth):
+            block_in = c_in if i == 0 else c
+            total += conv_params(block_in, c, 1) + 9 * groups * c + c + conv_params(c, c, 1)
+            total += 3 * 2 * c
+            if i == 0:
+                total += conv_params(block_in, c, 1) + 2 * c
+        c_in = c
+    return total + c_in * 10 + 10
+
+
+def test_regnetx32_parameter_count():
+    variables = jax.eval_shape(lambda: init(models.get_model("regnetx32"),
+                                            jnp.ones((1, 96, 96, 1))))
+    # 179,290 is also the count of a PyTorch build of the book's code (test_torch_models).
+    assert count_params(variables["params"]) == anynet_params(32, [(4, 32), (6, 80)], 16)
+    assert count_params(variables["params"]) == 179_290
+
+
+def test_anynet_takes_other_designs():
+    net = AnyNet(depths=(1, 2, 1), widths=(16, 32, 64), groups=8, stem_channels=16)
+    variables = jax.eval_shape(lambda: init(net, jnp.ones((2, 64, 64, 1))))
+    assert count_params(variables["params"]) == anynet_params(16, [(1, 16), (2, 32), (1, 64)], 8)
+    chex.assert_shape(output_shape(net, jnp.ones((2, 64, 64, 1))), (2, 10))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        init(AnyNet(depths=(1, 2), widths=(16,)), jnp.ones((1, 32, 32, 1)))
+
+
 def test_resnet34_has_resnet18_stage_shapes():
     assert stage_shapes("resnet34", 96) == stage_shapes("resnet18", 96)
 
@@ -205,7 +255,7 @@ def test_train_and_eval_modes(name):
 
 def test_list_models_names():
     assert ALL == ["lenet", "lenet_bn_scratch", "lenet_bn", "alexnet", "vgg11", "nin",
-                   "googlenet", "resnet18", "resnet34", "densenet"]
+                   "googlenet", "resnet18", "resnet34", "densenet", "regnetx32"]
 
 
 def test_unknown_model_lists_valid_names():

@@ -54,15 +54,62 @@ def test_cpu_conv_takes_the_shifted_path_only_for_one_channel_at_stride_1(channe
                                      x, kernel)
 
 
+@pytest.mark.parametrize("size, channels, kernel_size, strides, padding", [
+    (2, 8, 3, 1, 1), (4, 8, 3, 2, 1), (3, 8, 3, 2, 1), (4, 8, 1, 2, 0), (1, 8, 3, 1, 1),
+    (5, 3, 2, 1, 0)])
+def test_im2col_conv_matches_xla_convolution_and_its_gradients(size, channels, kernel_size,
+                                                               strides, padding):
+    x = jax.random.normal(jax.random.key(0), (3, size, size, channels))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, channels, 5))
+    pads, stride2 = ((padding, padding), (padding, padding)), (strides, strides)
+    assert_same_values_and_gradients(lambda x, k: ops.im2col_conv(x, k, stride2, pads),
+                                     lambda x, k: xla_conv(x, k, stride2, pads), x, kernel)
+
+
+@pytest.mark.parametrize("size, kernel_size, strides, im2col", [
+    (2, 3, 1, True),    # 2x2 output
+    (4, 3, 1, False),   # 4x4 output at stride 1: XLA's convolution
+    (4, 5, 1, True),    # 4x4 output, 5x5 kernel
+    (8, 3, 2, True),    # 4x4 output at stride 2
+    (16, 3, 2, False),  # 8x8 output
+    (16, 1, 1, True),   # 1x1 kernel
+])
+def test_cpu_conv_takes_the_im2col_path_for_1x1_kernels_and_small_outputs(
+        size, kernel_size, strides, im2col):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 6))
+    pads = ((kernel_size // 2,) * 2,) * 2
+
+    def cpu(x, k):
+        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+                                            dimension_numbers=NHWC)
+
+    primitives = str(jax.make_jaxpr(cpu)(x, kernel))
+    assert ("conv_general_dilated" not in primitives) == im2col
+    assert_same_values_and_gradients(cpu, lambda x, k: xla_conv(x, k, (strides, strides), pads),
+                                     x, kernel)
+
+
+def test_cpu_conv_leaves_grouped_convolutions_to_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
+    primitives = str(jax.make_jaxpr(lambda x, k: ops.cpu_conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=2))(
+        x, kernel))
+    assert "conv_general_dilated" in primitives
+
+
 def test_layers_for_each_backend():
     assert set(ops.layers_for("cpu")) == {"conv"}
     assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
 
 
-@pytest.mark.parametrize("name", ["lenet", "lenet_bn"])  # VGG's 3x3 case: above
-def test_networks_built_with_the_cpu_layers_compute_the_same(name):
+# LeNet's first layer is shifted_conv's case, ResNet-18's last two stages at 32x32
+# im2col_conv's.
+@pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32)])
+def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
     plain, fast = models.get_model(name), models.get_model(name, **ops.layers_for("cpu"))
-    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))
     variables = plain.init({"params": jax.random.key(1)}, x)
     labels = jnp.arange(4) % 10
 

@@ -72,6 +72,30 @@ def test_train_step_is_one_sgd_step_on_cross_entropy():
                            new_state.batch_stats, expected_stats)
 
 
+@pytest.mark.parametrize("arch", ["lenet", "regnetx32"])
+def test_book_initialisation_draws_pytorch_default_biases(arch):
+    from flax import traverse_util
+
+    def layers(init):
+        config = TrainConfig.from_recipe(arch, resize=32, init=init)
+        params = create_train_state(config, models.get_model(arch), jax.random.key(0)).params
+        flat = traverse_util.flatten_dict(params)
+        return {path[:-1]: (flat[path[:-1] + ("kernel",)], flat[path])
+                for path in flat if path[-1] == "bias" and path[:-1] + ("kernel",) in flat}
+
+    book, zeros = layers("book"), layers("zeros")
+    assert book.keys() == zeros.keys() and len(book) >= 5
+    for name, (kernel, bias) in book.items():
+        fan_in = int(np.prod(kernel.shape[:-1]))  # in_channels / groups * kh * kw
+        bound = 1 / np.sqrt(fan_in)
+        assert np.all(np.abs(bias) <= bound), name
+        if bias.size >= 10:  # spread over the interval, not piled near 0
+            assert np.max(np.abs(bias)) > 0.5 * bound, name
+        assert not np.any(zeros[name][1]), name  # --init zeros: Flax's zero biases
+        np.testing.assert_array_equal(kernel, zeros[name][0])  # same Xavier kernels
+    assert TrainConfig.from_recipe(arch).init == "book"
+
+
 def test_modern_recipe_warms_up_from_zero_then_decays_to_zero():
     config = TrainConfig.from_recipe("resnet18", "modern", epochs=4)
     schedule = learning_rate(config, steps_per_epoch=10)
@@ -187,7 +211,7 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
     assert metrics["config"] == {**recipes.recipe_settings("lenet_bn"), "arch": "lenet_bn",
                                  "epochs": 1, "seed": 0, "max_train": 512, "max_test": 256,
-                                 "dtype": "float32", "recipe": "classic"}
+                                 "dtype": "float32", "recipe": "classic", "init": "book"}
     assert TrainConfig.from_json((out / "config.json").read_text()).to_dict() == \
         metrics["config"]
     info = json.loads((out / "run.json").read_text())

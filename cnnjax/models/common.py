@@ -4,7 +4,8 @@ The book builds its networks from `nn.Conv2d(..., kernel_size, stride, padding)`
 `nn.Linear`, `nn.BatchNorm2d`, `nn.MaxPool2d`, `nn.AvgPool2d` and
 `nn.AdaptiveAvgPool2d(1)`. These give the same layers in Flax, channels-last (NHWC),
 with the explicit symmetric paddings the book uses (never `'SAME'`) and Xavier-uniform
-kernels, as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`.
+kernels, as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`
+(`torch_default_biases` gives the biases PyTorch starts them with).
 
 As in Flax's ImageNet example, a network takes the layers it is built from as
 `ModuleDef` fields (`conv`, `dense`, `norm`) with these as defaults, and binds its
@@ -16,15 +17,34 @@ of the same layers when a model is built for training.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 ModuleDef = Any
 Dtype = Any
 
 xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_default_biases(params: Any, key: jax.Array) -> Any:
+    """`params` with the bias of every conv and dense layer redrawn as PyTorch draws
+    it (the biases the book's `train_ch6` leaves alone): uniform in
+    [-1/sqrt(fan_in), 1/sqrt(fan_in)], fan_in = the kernel's size without its output
+    axis (in_channels / groups * kh * kw for a conv). Other parameters are kept."""
+    flat = traverse_util.flatten_dict(params)
+    layers = sorted(path[:-1] for path in flat
+                    if path[-1] == "bias" and path[:-1] + ("kernel",) in flat)
+    for layer, layer_key in zip(layers, jax.random.split(key, max(len(layers), 1))):
+        kernel, bias = flat[layer + ("kernel",)], flat[layer + ("bias",)]
+        bound = 1 / math.sqrt(math.prod(kernel.shape[:-1]))
+        flat[layer + ("bias",)] = jax.random.uniform(layer_key, bias.shape, bias.dtype,
+                                                     -bound, bound)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _pair(value: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from cnnjax.models.densenet import DenseNet
 from cnnjax.models.googlenet import GoogLeNet
 from cnnjax.models.lenet import LeNet, LeNetBN
 from cnnjax.models.nin import NiN
+from cnnjax.models.regnet import AnyNet
 from cnnjax.models.resnet import CifarResNet, ResNet
 from cnnjax.models.vgg import VGG
 
@@ -46,6 +47,9 @@ _MODELS: dict[str, ModelSpec] = {
     "resnet34": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
                           "ResNet-34: ResNet-18's builder with stages 3/4/6/3"),
     "densenet": ModelSpec(DenseNet, "DenseNet, growth rate 32, blocks 4/4/4/4 (§7.7)"),
+    "regnetx32": ModelSpec(functools.partial(AnyNet, stem_channels=32, depths=(4, 6),
+                                             widths=(32, 80), groups=16, bot_mul=1),
+                           "RegNetX-32: AnyNet with ResNeXt blocks (d2l-en §8.8)"),
     **{f"{kind}{depth}": ModelSpec(
         functools.partial(CifarResNet, depth=depth, residual=kind == "resnet"),
         f"{depth}-layer {'residual' if kind == 'resnet' else 'plain (no shortcuts)'} network "
