@@ -16,7 +16,9 @@ On a CPU:
   a stride above 1 or a kernel larger than the map: the last stages of ResNet,
   GoogLeNet and DenseNet at 64x64 and below) runs as `im2col_conv`, one matrix
   product over the image patches. XLA:CPU computes it, with both gradients, 1.1 to
-  2x faster than its convolution for 1x1 kernels and up to 40x faster on 2x2 maps.
+  2x faster than its convolution for 1x1 kernels and up to 40x faster on 2x2 maps;
+- a grouped convolution (ResNeXt's 3x3) runs as one convolution per group, their
+  outputs side by side: 15 to 30x faster than XLA:CPU's grouped convolution.
 """
 
 from __future__ import annotations
@@ -97,16 +99,22 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                              rhs_dilation=None, dimension_numbers=None,
                              feature_group_count=1, precision=None,
                              preferred_element_type=None):
-    """`lax.conv_general_dilated` as `nn.Conv` calls it, with the one-channel
-    stride-1 case sent to `shifted_conv` and small output maps to `im2col_conv` (see
-    the module docstring). The case is decided from static shapes while the model is
+    """`lax.conv_general_dilated` as `nn.Conv` calls it, with a grouped convolution
+    split into one convolution per group, the one-channel stride-1 case sent to
+    `shifted_conv` and 1x1 kernels and small output maps to `im2col_conv` (see the
+    module docstring). The case is decided from static shapes while the model is
     traced, not at run time."""
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    plain_2d = (lhs.ndim == 4 and undilated and feature_group_count == 1
-                and not isinstance(padding, str) and precision is None
-                and preferred_element_type is None
+    plain_2d = (lhs.ndim == 4 and undilated and not isinstance(padding, str)
+                and precision is None and preferred_element_type is None
                 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                 == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if plain_2d and feature_group_count > 1:
+        groups = zip(jnp.split(lhs, feature_group_count, axis=-1),
+                     jnp.split(rhs, feature_group_count, axis=-1))
+        return jnp.concatenate([cpu_conv_general_dilated(x, k, window_strides, padding,
+                                                         dimension_numbers=NHWC)
+                                for x, k in groups], axis=-1)
     if plain_2d:
         pads, strides = tuple(map(tuple, padding)), tuple(window_strides)
         if rhs.shape[2] == 1 and strides == (1, 1):

@@ -1,4 +1,4 @@
-"""Train a network of the book on Fashion-MNIST (or print its summary).
+"""Train a network of the book on Fashion-MNIST (or print its summary, or test PyTorch weights).
 
     python -m experiments.run --arch lenet_bn              # the book's recipe
     python -m experiments.run --arch resnet18 --recipe modern --lr 0.2 --no-augment
@@ -6,6 +6,7 @@
     python -m experiments.run --resume runs/lenet_bn-20261121-120000
     python -m experiments.run --arch resnet18 --summary --resize 224
     python -m experiments.run --arch resnet18 --dtype bfloat16 --devices 4
+    python -m experiments.run --arch lenet_bn --eval-only --torch-weights lenet_bn.pt
 
 Every setting defaults to the book's recipe for the network (cnnjax.config; --recipe
 modern for momentum, weight decay, a cosine schedule and augmentation); any flag
@@ -27,14 +28,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 import jax
 
-from cnnjax import models, runtime
+from cnnjax import convert, models, runtime
 from cnnjax.config import TrainConfig
-from cnnjax.data import load_fashion_mnist
+from cnnjax.data import eval_batch_indices, load_fashion_mnist
 from cnnjax.parallel import is_primary, primary_first
 from cnnjax.rundir import RunDir, RunDirError
+from cnnjax.steps import build_model, create_train_state, evaluate
 from cnnjax.train import Interrupted, book_summary, train_and_evaluate
 from experiments.cli import (
     UsageError,
@@ -58,6 +61,13 @@ def build_parser():
     parser.add_argument("--summary", action="store_true",
                         help="print each top-level block's output shape and parameter count "
                              "(at --resize) and exit without training")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate on the test set instead of training: --arch with the "
+                             "weights of --torch-weights (prints the test accuracy)")
+    parser.add_argument("--torch-weights", metavar="FILE",
+                        help="with --eval-only: the state_dict() of the book's PyTorch network "
+                             "for --arch (as experiments/torch_models.py builds it, for "
+                             "--resize inputs), saved with torch.save; needs PyTorch")
     add_config_flags(parser)
     run = parser.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR",
@@ -123,12 +133,62 @@ def main(argv: list[str] | None = None) -> int:
         runtime.configure()  # before anything starts JAX's devices
         runtime.warn_if_gpu_unused()
         config = resolve_config(args)
+        if args.eval_only or args.torch_weights:
+            return evaluate_torch_weights(config, args, prog)
         if not args.resume:
             args.out = args.out or f"runs/{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
         validate(config, args)
     except (UsageError, RunDirError) as err:
         return fail(prog, str(err))
     return train(config, args, prog, command_line("experiments.run", argv))
+
+
+def evaluate_torch_weights(config: TrainConfig, args, prog: str) -> int:
+    """--eval-only: the test accuracy of --arch with the PyTorch weights of
+    --torch-weights (cnnjax.convert.from_torch), evaluated as training evaluates."""
+    if not (args.eval_only and args.torch_weights) or args.resume:
+        raise UsageError("--eval-only --torch-weights FILE (without --resume) evaluates "
+                         "the PyTorch weights in FILE; give both flags")
+    check_resize(config.arch, config.resize)
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--torch-weights needs PyTorch: pip install torch") from None
+    try:
+        state_dict = torch.load(args.torch_weights, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise UsageError(f"cannot read --torch-weights {args.torch_weights}: "
+                         f"{err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 -- whatever torch.load makes of other files
+        raise UsageError(f"torch.load(weights_only=True) cannot read {args.torch_weights} "
+                         f"({type(err).__name__}): not a file torch.save wrote, or one holding "
+                         "more than tensors (save the network's state_dict())") from None
+    if not isinstance(state_dict, Mapping):
+        raise UsageError(f"{args.torch_weights} holds a {type(state_dict).__name__}, not a "
+                         "state dict: save the network's state_dict()")
+    try:
+        variables = convert.from_torch(config.arch, state_dict, config.resize)
+    except ValueError as err:
+        raise UsageError(f"{args.torch_weights} does not hold the weights of {config.arch} "
+                         f"for {config.resize}x{config.resize} inputs: {err}") from None
+    try:
+        data = load_fashion_mnist(args.data_dir, max_train=1, max_test=config.max_test,
+                                  progress=False if args.no_progress else None)
+        state = create_train_state(config, build_model(config), jax.random.key(config.seed))
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        batches, masks = eval_batch_indices(len(data.test_labels), config.batch_size)
+        correct = int(evaluate(state, data.test_images, data.test_labels, batches, masks,
+                               resize=config.resize))
+    except Exception as err:  # noqa: BLE001 -- what evaluating can end with is one line
+        code = failure(prog, err, config)
+        if code is None:
+            raise
+        return code
+    total = len(data.test_labels)
+    print(f"{config.arch} with the weights of {args.torch_weights}: test acc "
+          f"{correct / total:.3f} ({correct}/{total} test images at "
+          f"{config.resize}x{config.resize})")
+    return 0
 
 
 def train(config: TrainConfig, args, prog: str, command: str) -> int:

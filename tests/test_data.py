@@ -138,7 +138,7 @@ def test_damaged_files_fail_the_checksum(tmp_path, debian_dir):
 
 @pytest.fixture(scope="module")
 def real_data(fashion_mnist_dir: str) -> data.FashionMNIST:
-    """The full real data set, read from the session's prepared copy."""
+    """The full real data set, read from the test run's prepared copy."""
     return data.load_fashion_mnist(fashion_mnist_dir)
 
 
@@ -312,7 +312,7 @@ def test_random_crop_flip_is_a_shifted_and_maybe_mirrored_window():
 
 
 def test_preparing_with_progress_off_prints_no_progress_bars(fashion_mnist_dir):
-    # The session's data set was prepared with progress=False (what --no-progress and
+    # The test run's data set was prepared with progress=False (what --no-progress and
     # a non-terminal stderr give); TFDS's bars would print "Generating splits..." and
     # "Shuffling ..." lines with their percentages.
     from conftest import PREPARED

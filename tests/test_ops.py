@@ -90,13 +90,22 @@ def test_cpu_conv_takes_the_im2col_path_for_1x1_kernels_and_small_outputs(
                                      x, kernel)
 
 
-def test_cpu_conv_leaves_grouped_convolutions_to_xla():
-    x = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
-    primitives = str(jax.make_jaxpr(lambda x, k: ops.cpu_conv_general_dilated(
-        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=2))(
-        x, kernel))
-    assert "conv_general_dilated" in primitives
+@pytest.mark.parametrize("size, strides", [(6, 1), (6, 2), (2, 1)])
+def test_cpu_conv_splits_grouped_convolutions_into_one_per_group(size, strides):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 9))  # 3 groups of 2 -> 3
+    pads = ((1, 1), (1, 1))
+
+    def cpu(x, k):
+        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+                                            dimension_numbers=NHWC, feature_group_count=3)
+
+    def grouped(x, k):
+        return jax.lax.conv_general_dilated(x, k, (strides, strides), pads,
+                                            dimension_numbers=NHWC, feature_group_count=3)
+
+    assert "feature_group_count=3" not in str(jax.make_jaxpr(cpu)(x, kernel))
+    assert_same_values_and_gradients(cpu, grouped, x, kernel)
 
 
 def test_layers_for_each_backend():
@@ -105,8 +114,9 @@ def test_layers_for_each_backend():
 
 
 # LeNet's first layer is shifted_conv's case, ResNet-18's last two stages at 32x32
-# im2col_conv's.
-@pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32)])
+# im2col_conv's, RegNetX-32's 3x3 convs the grouped case.
+@pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32),
+                                          ("regnetx32", 32)])
 def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
     plain, fast = models.get_model(name), models.get_model(name, **ops.layers_for("cpu"))
     x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))

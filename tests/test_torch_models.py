@@ -64,7 +64,7 @@ def test_time_training_book_smoke():
 
 def test_time_training_tuned_compiles_and_trains():
     # The GPU flavour (channels-last, bf16 autocast, torch.compile), run on the CPU so
-    # that its code path is checked before a GPU session spends device time on it.
+    # that its code path is checked before a GPU run spends device time on it.
     result = torch_models.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
                                         flavour="tuned", device="cpu", windows=1,
                                         steps_per_window=2, warmup_steps=1)
