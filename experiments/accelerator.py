@@ -54,6 +54,9 @@ MIN_START_SECONDS = 30  # a process that would get less is not started
 DRY_ROWS = ("--epochs", "1", "--max-train", "64", "--max-test", "32", "--batch-size", "32")
 DRY_RESIZE = {"alexnet": 67, "nin": 67}
 DRY_BENCH = ("--batch-size", "8", "--resize", "32", "--windows", "1", "--steps", "1")
+# The network of the modern and bench stages; in a dry run a small one, since on a CPU
+# compiling ResNet-18 (in float32 and bfloat16) would take most of the dry run.
+FOCUS, DRY_FOCUS = "resnet18", "lenet_bn"
 BENCH = ("--batch-size", "256", "--windows", "5", "--steps", "20")
 
 
@@ -95,7 +98,8 @@ def build_parser():
                         help="prepared Fashion-MNIST (default: DIR/tfds of --carry, else TFDS's)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny settings (1 epoch on 64 images at the smallest input "
-                             "size, one timed step) to check the whole call on a CPU")
+                             f"size, one timed step; {DRY_FOCUS} for the modern and bench "
+                             "stages) to check the whole call on a CPU")
     return parser
 
 
@@ -107,14 +111,14 @@ def jobs_for(args, data_dir: str | None, has_torch: bool) -> tuple[list[Job], li
     def tiny(arch: str) -> list[str]:
         return [*DRY_ROWS, "--resize", str(DRY_RESIZE.get(arch, 32))] if args.dry_run else []
 
+    focus = DRY_FOCUS if args.dry_run else FOCUS
     training = []
     if "rows" in args.stages:
         training += [Job(arch, ["experiments.reproduce", "--archs", arch, *common, *tiny(arch)])
                      for arch in args.archs]
     if "modern" in args.stages:
-        training.append(Job("resnet18-modern", ["experiments.reproduce", "--archs", "resnet18",
-                                                "--recipe", "modern", *common,
-                                                *tiny("resnet18")]))
+        training.append(Job(f"{focus}-modern", ["experiments.reproduce", "--archs", focus,
+                                                "--recipe", "modern", *common, *tiny(focus)]))
     bench = []
     if "bench" in args.stages:
         jsonl = str(Path(args.work) / "bench.jsonl")
@@ -122,11 +126,11 @@ def jobs_for(args, data_dir: str | None, has_torch: bool) -> tuple[list[Job], li
         data = ["--data-dir", data_dir] if data_dir else []
         for dtype in ("float32", "bfloat16"):
             bench.append(Job(f"bench-{dtype}", [
-                "experiments.bench", "--arch", "resnet18", "--dtype", dtype, *settings, *data,
+                "experiments.bench", "--arch", focus, "--dtype", dtype, *settings, *data,
                 "--jsonl", jsonl, *(["--torch", "book"] if has_torch else [])]))
         if has_torch:
             bench.append(Job("bench-tuned", [
-                "experiments.bench", "--arch", "resnet18", "--dtype", "bfloat16", *settings,
+                "experiments.bench", "--arch", focus, "--dtype", "bfloat16", *settings,
                 *data, "--jsonl", jsonl, "--torch", "tuned"], seconds=args.tuned_seconds))
     return training, bench
 
@@ -195,6 +199,15 @@ def install_carried_wheels(carry: Path, work: Path) -> str | None:
     return str(site.absolute())
 
 
+def _imports(module: str) -> bool:
+    """Whether `module` imports (installed and working)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     site = install_carried_wheels(carry, work) if carry else None
     paths = [site, str(Path.cwd())] + env.get("PYTHONPATH", "").split(os.pathsep)
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    has_torch = importlib.util.find_spec("torch") is not None
+    has_torch = _imports("torch")
     training, bench = jobs_for(args, data_dir, has_torch)
     record = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": argv or sys.argv[1:],
               "torch": has_torch, "jobs": []}

@@ -32,14 +32,14 @@ def test_dry_run_goes_through_every_stage_and_a_second_call_keeps_it(fashion_mni
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = {job["name"]: job["outcome"] for job in
             json.loads((out / "call.json").read_text())["jobs"]}
-    for name in ("lenet_bn_scratch", "resnet18-modern", "bench-float32", "bench-bfloat16"):
+    for name in ("lenet_bn_scratch", "lenet_bn-modern", "bench-float32", "bench-bfloat16"):
         assert jobs[name] == "done", jobs
     if "bench-tuned" in jobs:  # with PyTorch: torch.compile is cut at --tuned-seconds
         assert jobs["bench-tuned"].startswith("stopped at its limit of 1 s"), jobs
 
     results = out / "results" / "cpu"
     runs = {row["run"] for row in json.loads((results / "summary.json").read_text())}
-    assert {"lenet_bn_scratch-quick", "resnet18-modern-quick"} <= runs
+    assert {"lenet_bn_scratch-quick", "lenet_bn-modern-quick"} <= runs
     assert (results / "REPORT.md").is_file() and (results / "test_acc.png").is_file()
     assert (results / "lenet_bn_scratch-quick" / "curves.png").is_file()
     assert not list(out.rglob("checkpoints"))  # they stay in --work
