@@ -37,7 +37,7 @@ from cnnjax.config import TrainConfig
 from cnnjax.data import eval_batch_indices, load_fashion_mnist
 from cnnjax.parallel import is_primary, primary_first
 from cnnjax.rundir import RunDir, RunDirError
-from cnnjax.steps import build_model, create_train_state, evaluate
+from cnnjax.steps import TrainState, build_model, evaluate, make_optimizer
 from cnnjax.train import Interrupted, book_summary, train_and_evaluate
 from experiments.cli import (
     UsageError,
@@ -174,8 +174,9 @@ def evaluate_torch_weights(config: TrainConfig, args, prog: str) -> int:
     try:
         data = load_fashion_mnist(args.data_dir, max_train=1, max_test=config.max_test,
                                   progress=False if args.no_progress else None)
-        state = create_train_state(config, build_model(config), jax.random.key(config.seed))
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        state = TrainState.create(apply_fn=build_model(config).apply, tx=make_optimizer(config),
+                                  params=variables["params"],
+                                  batch_stats=variables["batch_stats"])
         batches, masks = eval_batch_indices(len(data.test_labels), config.batch_size)
         correct = int(evaluate(state, data.test_images, data.test_labels, batches, masks,
                                resize=config.resize))
