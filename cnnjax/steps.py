@@ -83,7 +83,7 @@ def build_model(config: TrainConfig, backend: str | None = None) -> nn.Module:
     built from the layers that are fastest on `backend` (default: JAX's default
     backend; see `cnnjax.ops`)."""
     return models.get_model(config.arch, dtype=DTYPES[config.dtype],
-                            **ops.layers_for(backend or jax.default_backend()))
+                            layers=ops.layers_for(backend or jax.default_backend()))
 
 
 def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,

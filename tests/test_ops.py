@@ -1,10 +1,12 @@
 """The faster layers of `cnnjax.ops` compute what the plain layers compute: values and
-both gradients against `lax.conv_general_dilated`, and whole networks built with them
-against the same networks built from the plain layers."""
+both gradients against `lax.conv_general_dilated`, the max pool and its gradient
+against Flax's, and whole networks built with them against the same networks built
+from the plain layers."""
 
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -108,17 +110,48 @@ def test_cpu_conv_splits_grouped_convolutions_into_one_per_group(size, strides):
     assert_same_values_and_gradients(cpu, grouped, x, kernel)
 
 
+@pytest.mark.parametrize("shape, window, strides, padding", [
+    ((3, 8, 8, 5), 3, 2, 1),   # GoogLeNet's and ResNet's pools: overlapping windows
+    ((3, 6, 6, 5), 3, 1, 1),   # the Inception block's pool
+    ((3, 8, 8, 5), 2, 2, 0),   # VGG's
+    ((3, 9, 9, 5), 3, 2, 0),   # AlexNet's and NiN's
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, strides,
+                                                              padding, dtype):
+    # Small integers after a ReLU: most windows hold their max more than once, so
+    # the gradient must go to the first of them, as XLA's select-and-scatter does.
+    x = jax.nn.relu(jnp.round(2 * jax.random.normal(jax.random.key(0), shape))).astype(dtype)
+    args = ((window, window), (strides, strides), ((padding, padding), (padding, padding)))
+
+    def fast(x):
+        return ops.max_pool(x, *args)
+
+    def plain(x):
+        return nn.max_pool(x, *args)
+
+    chex.assert_trees_all_equal(jax.jit(fast)(x), plain(x))
+    weights = jax.random.normal(jax.random.key(1), plain(x).shape, dtype)
+    grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) * weights).astype(jnp.float32)))(x)
+             for f in (fast, plain)]
+    assert "select_and_scatter" not in str(jax.make_jaxpr(jax.grad(
+        lambda x: jnp.sum(fast(x) * weights).astype(jnp.float32)))(x))
+    # Equal but for the order in which overlapping windows' gradients are summed.
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5 if dtype == jnp.float32 else 0.1)
+
+
 def test_layers_for_each_backend():
-    assert set(ops.layers_for("cpu")) == {"conv"}
+    assert set(ops.layers_for("cpu")) == {"conv", "max_pool"}
     assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
 
 
 # LeNet's first layer is shifted_conv's case, ResNet-18's last two stages at 32x32
-# im2col_conv's, RegNetX-32's 3x3 convs the grouped case.
+# im2col_conv's, RegNetX-32's 3x3 convs the grouped case, ResNet-18's and VGG's max
+# pools `max_pool`'s.
 @pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32),
-                                          ("regnetx32", 32)])
+                                          ("regnetx32", 32), ("vgg11", 32)])
 def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
-    plain, fast = models.get_model(name), models.get_model(name, **ops.layers_for("cpu"))
+    plain, fast = models.get_model(name), models.get_model(name, layers=ops.layers_for("cpu"))
     x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))
     variables = plain.init({"params": jax.random.key(1)}, x)
     labels = jnp.arange(4) % 10

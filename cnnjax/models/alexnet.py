@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models import common
-from cnnjax.models.common import Dtype, MaxPool, ModuleDef, flatten
+from cnnjax.models.common import Dtype, ModuleDef, flatten
 
 
 class AlexNet(nn.Module):
@@ -24,17 +24,18 @@ class AlexNet(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = common.conv2d
     dense: ModuleDef = common.dense
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         conv = functools.partial(self.conv, dtype=self.dtype)
         dense = functools.partial(self.dense, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = MaxPool(3, 2)(nn.relu(conv(96, 11, strides=4, padding=1)(x)))
-        x = MaxPool(3, 2)(nn.relu(conv(256, 5, padding=2)(x)))
+        x = self.max_pool(3, 2)(nn.relu(conv(96, 11, strides=4, padding=1)(x)))
+        x = self.max_pool(3, 2)(nn.relu(conv(256, 5, padding=2)(x)))
         x = nn.relu(conv(384, 3, padding=1)(x))
         x = nn.relu(conv(384, 3, padding=1)(x))
-        x = MaxPool(3, 2)(nn.relu(conv(256, 3, padding=1)(x)))
+        x = self.max_pool(3, 2)(nn.relu(conv(256, 3, padding=1)(x)))
         x = flatten(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))

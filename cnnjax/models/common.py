@@ -8,9 +8,9 @@ kernels, as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`
 (`torch_default_biases` gives the biases PyTorch starts them with).
 
 As in Flax's ImageNet example, a network takes the layers it is built from as
-`ModuleDef` fields (`conv`, `dense`, `norm`) with these as defaults, and binds its
-`dtype` (the computation dtype; parameters and batch-norm statistics stay float32)
-into them before handing them to its blocks. `cnnjax.ops` swaps in faster versions
+`ModuleDef` fields (`conv`, `dense`, `norm`, `max_pool`) with these as defaults,
+and binds its `dtype` (the computation dtype; parameters and batch-norm statistics
+stay float32) into them before handing them to its blocks. `cnnjax.ops` swaps in faster versions
 of the same layers when a model is built for training.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -79,16 +80,18 @@ class MaxPool(nn.Module):
     """`nn.MaxPool2d(kernel_size=window, stride=strides, padding=padding)`.
 
     Padding counts as -inf, so it never wins the max (as in PyTorch). `strides`
-    defaults to the window, as in PyTorch.
+    defaults to the window, as in PyTorch. `pool` is the function that computes it,
+    with `flax.linen.max_pool`'s arguments (`cnnjax.ops` passes a faster one).
     """
 
     window: int
     strides: int | None = None
     padding: int = 0
+    pool: Callable[..., jnp.ndarray] = nn.max_pool
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         strides = self.window if self.strides is None else self.strides
-        return nn.max_pool(x, _pair(self.window), _pair(strides), _pads(self.padding))
+        return self.pool(x, _pair(self.window), _pair(strides), _pads(self.padding))
 
 
 class AvgPool(nn.Module):

@@ -71,13 +71,15 @@ class DenseNet(nn.Module):
     conv: ModuleDef = common.conv2d
     dense: ModuleDef = common.dense
     norm: ModuleDef = common.batch_norm
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         conv = functools.partial(self.conv, dtype=self.dtype)
         norm = functools.partial(self.norm, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = Stem(self.num_channels, conv=conv, norm=norm, name="b1")(x, train)
+        x = Stem(self.num_channels, conv=conv, norm=norm, max_pool=self.max_pool,
+                 name="b1")(x, train)
         num_channels = self.num_channels
         for i, num_convs in enumerate(self.num_convs_in_dense_blocks):
             x = DenseBlock(num_convs, self.growth_rate, conv=conv, norm=norm)(x, train)

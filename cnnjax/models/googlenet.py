@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
+from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
 
 
 class Inception(nn.Module):
@@ -25,6 +25,7 @@ class Inception(nn.Module):
     c3: tuple[int, int]
     c4: int
     conv: ModuleDef = common.conv2d
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -34,7 +35,7 @@ class Inception(nn.Module):
         p2 = nn.relu(conv(self.c2[1], 3, padding=1)(p2))
         p3 = nn.relu(conv(self.c3[0], 1)(x))
         p3 = nn.relu(conv(self.c3[1], 5, padding=2)(p3))
-        p4 = MaxPool(3, 1, padding=1)(x)
+        p4 = self.max_pool(3, 1, padding=1)(x)
         p4 = nn.relu(conv(self.c4, 1)(p4))
         return jnp.concatenate([p1, p2, p3, p4], axis=-1)
 
@@ -56,15 +57,16 @@ class GoogLeNet(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = common.conv2d
     dense: ModuleDef = common.dense
+    max_pool: ModuleDef = common.MaxPool
 
     def setup(self) -> None:
         conv = functools.partial(self.conv, dtype=self.dtype)
 
         def pool():
-            return MaxPool(3, 2, padding=1)
+            return self.max_pool(3, 2, padding=1)
 
         def inception(*channels):
-            return Inception(*channels, conv=conv)
+            return Inception(*channels, conv=conv, max_pool=self.max_pool)
 
         self.b1 = nn.Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool()])
         self.b2 = nn.Sequential([conv(64, 1), nn.relu, conv(192, 3, padding=1), nn.relu,

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
+from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
 
 
 class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
@@ -40,17 +40,18 @@ class NiN(nn.Module):
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
     conv: ModuleDef = common.conv2d
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         conv = functools.partial(self.conv, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         x = nin_block(96, kernel_size=11, strides=4, padding=0, conv=conv)(x)
-        x = MaxPool(3, 2)(x)
+        x = self.max_pool(3, 2)(x)
         x = nin_block(256, kernel_size=5, strides=1, padding=2, conv=conv)(x)
-        x = MaxPool(3, 2)(x)
+        x = self.max_pool(3, 2)(x)
         x = nin_block(384, kernel_size=3, strides=1, padding=1, conv=conv)(x)
-        x = MaxPool(3, 2)(x)
+        x = self.max_pool(3, 2)(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nin_block(self.num_classes, kernel_size=3, strides=1, padding=1, conv=conv)(x)
         # The pooled channels are the logits: average in float32 and keep float32.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
@@ -73,10 +74,17 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def get_model(name: str, num_classes: int = 10, **fields) -> nn.Module:
+def get_model(name: str, num_classes: int = 10, layers: dict[str, Any] | None = None,
+              **fields) -> nn.Module:
     """Build network `name` with `num_classes` outputs; `fields` override the
-    module's other fields (e.g. `get_model('vgg11', ratio=1)`)."""
-    return get_spec(name).constructor(num_classes=num_classes, **fields)
+    module's other fields (e.g. `get_model('vgg11', ratio=1)`). `layers` replaces
+    the layers it is built from (`conv`, `max_pool`, ...; `cnnjax.ops.layers_for`)
+    where the network has them: LeNet, for one, has no max pool."""
+    constructor = get_spec(name).constructor
+    module = getattr(constructor, "func", constructor)  # through functools.partial
+    names = {field.name for field in dataclasses.fields(module)}
+    fields.update({k: v for k, v in (layers or {}).items() if k in names})
+    return constructor(num_classes=num_classes, **fields)
 
 
 def describe(name: str) -> str:

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, MaxPool, ModuleDef
+from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
 
 
 class Residual(nn.Module):
@@ -78,12 +78,13 @@ class Stem(nn.Module):
     num_channels: int = 64
     conv: ModuleDef = common.conv2d
     norm: ModuleDef = common.batch_norm
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.conv(self.num_channels, 7, strides=2, padding=3)(x)
         x = nn.relu(self.norm(use_running_average=not train)(x))
-        return MaxPool(3, 2, padding=1)(x)
+        return self.max_pool(3, 2, padding=1)(x)
 
 
 class ResNet(nn.Module):
@@ -97,13 +98,14 @@ class ResNet(nn.Module):
     conv: ModuleDef = common.conv2d
     dense: ModuleDef = common.dense
     norm: ModuleDef = common.batch_norm
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         conv = functools.partial(self.conv, dtype=self.dtype)
         norm = functools.partial(self.norm, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = Stem(64, conv=conv, norm=norm, name="b1")(x, train)
+        x = Stem(64, conv=conv, norm=norm, max_pool=self.max_pool, name="b1")(x, train)
         for i, num_residuals in enumerate(self.stage_sizes):
             x = resnet_block(64 * 2**i, num_residuals, first_block=(i == 0), conv=conv,
                              norm=norm, name=f"b{i + 2}")(x, train)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models import common
-from cnnjax.models.common import Dtype, MaxPool, ModuleDef, flatten
+from cnnjax.models.common import Dtype, ModuleDef, flatten
 
 # (number of convs, output channels) of each block of VGG-11.
 VGG11_ARCH: tuple[tuple[int, int], ...] = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
@@ -22,12 +22,13 @@ class vgg_block(nn.Module):  # noqa: N801 -- named like the book's function.
     num_convs: int
     num_channels: int
     conv: ModuleDef = common.conv2d
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for _ in range(self.num_convs):
             x = nn.relu(self.conv(self.num_channels, 3, padding=1)(x))
-        return MaxPool(2, 2)(x)
+        return self.max_pool(2, 2)(x)
 
 
 class VGG(nn.Module):
@@ -45,6 +46,7 @@ class VGG(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = common.conv2d
     dense: ModuleDef = common.dense
+    max_pool: ModuleDef = common.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -52,7 +54,8 @@ class VGG(nn.Module):
         dense = functools.partial(self.dense, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         for num_convs, num_channels in self.conv_arch:
-            x = vgg_block(num_convs, num_channels // self.ratio, conv=conv)(x)
+            x = vgg_block(num_convs, num_channels // self.ratio, conv=conv,
+                          max_pool=self.max_pool)(x)
         x = flatten(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(4096)(x)))
