@@ -21,7 +21,11 @@ On a CPU:
   outputs side by side: 15 to 30x faster than XLA:CPU's grouped convolution;
 - a max pool keeps XLA's forward pass but takes `max_pool`'s gradient: XLA:CPU
   computes the gradient of a max pool (a select-and-scatter) about 20x slower than
-  the pool itself, and a pass over the window's offsets is 4 to 6x faster.
+  the pool itself, and a pass over the window's offsets is 4 to 6x faster;
+- batch norm is `BatchNorm`, Flax's layer with its sums over the batch taken as
+  `channel_sum`: XLA:CPU sums an (N, H, W, C) array over N, H and W (a reduce-window
+  per 32 rows, then a reduce) several times slower than it sums rows of a
+  (rows, k * C) reshape of it, and batch norm takes four such sums per step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -139,41 +144,55 @@ def _max_pool_forward_pass(x, window, strides, padding):
                              (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, strides, padding):
+# `size`, the input's height and width, is for the backward pass, which gets only
+# the offsets from the forward pass (residuals are arrays, not shapes).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, strides, padding, size):
     return _max_pool_forward_pass(x, window, strides, padding)
 
 
-def _max_pool_forward(x, window, strides, padding):
+def _max_pool_forward(x, window, strides, padding, size):
+    """The pool, and for each output the offset in its window (row-major) of the
+    first input that equals its max: where select-and-scatter sends its gradient."""
     y = _max_pool_forward_pass(x, window, strides, padding)
-    return y, (x, y)
-
-
-def _max_pool_backward(window, strides, padding, saved, grad_out):
-    """Each output's gradient goes to the first input of its window (in row-major
-    order) that equals the window's max, as XLA's select-and-scatter sends it: one
-    pass per window offset marks the outputs whose max sits there and not at an
-    earlier offset, and adds their gradients, spaced by the stride, at that offset."""
-    x, y = saved
     (kh, kw), (sh, sw) = window, strides
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-    hp, wp = padded.shape[1:3]
     ho, wo = y.shape[1:3]
+    offsets = [(a, b) for a in range(kh) for b in range(kw)]
+    first = jnp.full(y.shape, len(offsets), jnp.int8 if len(offsets) < 128 else jnp.int32)
+    for k, (a, b) in reversed(list(enumerate(offsets))):
+        view = padded[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw, :]
+        first = jnp.where(view == y, jnp.array(k, first.dtype), first)
+    return y, first
+
+
+def _max_pool_backward(window, strides, padding, size, first, grad_out):
+    """Each output's gradient goes to the input `_max_pool_forward` found for it.
+    The padded input is built a stride-sized tile at a time: row r, column q of
+    tile (m, n) takes, from each offset (a, b) with a = r + sh * t and
+    b = q + sw * u, the gradient of output (m - t, n - u) if its max sits there."""
+    (kh, kw), (sh, sw) = window, strides
+    (top, bottom), (left, right) = padding
+    batch, ho, wo, channels = grad_out.shape
     zero = jnp.zeros((), grad_out.dtype)
-    found = jnp.zeros(y.shape, bool)
-    grad = jnp.zeros(padded.shape, grad_out.dtype)
-    for a in range(kh):
-        for b in range(kw):
-            view = padded[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw, :]
-            here = (view == y) & ~found
-            found = found | here
-            # The outputs' gradients where this offset falls in the padded input:
-            # `a` rows before, `sh - 1` between and the rest after (likewise columns).
-            grad = grad + lax.pad(jnp.where(here, grad_out, zero), zero,
-                                  ((0, 0, 0), (a, hp - a - sh * (ho - 1) - 1, sh - 1),
-                                   (b, wp - b - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
-    (top, _), (left, _) = padding
-    return (grad[:, top:top + x.shape[1], left:left + x.shape[2], :],)
+    # Enough tiles to cover the padded input.
+    mh, mw = -(-(size[0] + top + bottom) // sh), -(-(size[1] + left + right) // sw)
+    offsets = [(a, b) for a in range(kh) for b in range(kw)]
+    rows = []
+    for r in range(sh):
+        cols = []
+        for q in range(sw):
+            tile = jnp.zeros((batch, mh, mw, channels), grad_out.dtype)
+            for k, (a, b) in enumerate(offsets):
+                if a % sh == r and b % sw == q:
+                    t, u = a // sh, b // sw
+                    tile = tile + lax.pad(jnp.where(first == k, grad_out, zero), zero,
+                                          ((0, 0, 0), (t, mh - ho - t, 0),
+                                           (u, mw - wo - u, 0), (0, 0, 0)))
+            cols.append(tile)
+        rows.append(jnp.stack(cols, axis=3))  # (N, mh, mw, sw, C)
+    grad = jnp.stack(rows, axis=2).reshape(batch, mh * sh, mw * sw, channels)
+    return (grad[:, top:top + size[0], left:left + size[1], :],)
 
 
 _max_pool.defvjp(_max_pool_forward, _max_pool_backward)
@@ -186,7 +205,65 @@ def max_pool(x: jax.Array, window_shape, strides, padding) -> jax.Array:
     select-and-scatter (see `_max_pool_backward`). Equal to Flax's pool and its
     gradient, ties included, up to the order in which overlapping windows' gradients
     are summed."""
-    return _max_pool(x, tuple(window_shape), tuple(strides), tuple(map(tuple, padding)))
+    return _max_pool(x, tuple(window_shape), tuple(strides), tuple(map(tuple, padding)),
+                     x.shape[1:3])
+
+
+def channel_sum(x: jax.Array, width: int = 4096) -> jax.Array:
+    """The sum of x (N, ..., C) over every axis but the last: (C,). Each of x's N
+    slices is read as k rows of C (k the largest divisor of the slice's size with
+    k * C at most `width`); the rows k * C wide are summed first, then the k sums."""
+    c = x.shape[-1]
+    per_slice = math.prod(x.shape[1:-1])
+    k = max(d for d in range(1, per_slice + 1) if per_slice % d == 0 and d * c <= max(width, c))
+    return x.reshape(-1, k * c).sum(0).reshape(k, c).sum(0)
+
+
+@jax.custom_vjp
+def _per_channel(v, x):
+    """v (C,) broadcast to x's shape; its gradient is `channel_sum`."""
+    return jnp.broadcast_to(v, x.shape)
+
+
+_per_channel.defvjp(lambda v, x: (jnp.broadcast_to(v, x.shape), None),
+                    lambda _, g: (channel_sum(g), None))
+
+
+class BatchNorm(nn.Module):
+    """`flax.linen.BatchNorm` over the last axis (the settings cnnjax uses: default
+    scale, bias and initialisers, no `axis_name`), with every sum over the batch
+    taken by `channel_sum`, forward and backward. Same variables (`scale`, `bias`;
+    `batch_stats` `mean`, `var`), same one-pass variance E[x^2] - E[x]^2 in float32,
+    same outputs and gradients up to the order of the sums."""
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            count = x.size // c
+            mean = channel_sum(stats) / count
+            var = jnp.maximum(0.0, channel_sum(stats * stats) / count - mean * mean)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        mul = lax.rsqrt(var + self.epsilon) * scale
+        y = (x - _per_channel(mean, x)) * _per_channel(mul, x) + _per_channel(bias, x)
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
 
 
 def layers_for(backend: str) -> dict[str, Any]:
@@ -196,5 +273,6 @@ def layers_for(backend: str) -> dict[str, Any]:
     if backend == "cpu":
         return {"conv": functools.partial(common.conv2d,
                                           conv_general_dilated=cpu_conv_general_dilated),
-                "max_pool": functools.partial(common.MaxPool, pool=max_pool)}
+                "max_pool": functools.partial(common.MaxPool, pool=max_pool),
+                "norm": functools.partial(BatchNorm, **common.BATCH_NORM_SETTINGS)}
     return {}

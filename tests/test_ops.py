@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 from cnnjax import models, ops
-from cnnjax.models.common import conv2d
+from cnnjax.layers import BatchNorm as ScratchBatchNorm
+from cnnjax.models.common import batch_norm, conv2d
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -140,8 +141,52 @@ def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, str
     chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5 if dtype == jnp.float32 else 0.1)
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 6, 5), (4, 2, 2, 3), (6, 7), (2, 64, 64, 8)])
+def test_channel_sum_sums_over_every_axis_but_the_last(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    chex.assert_trees_all_close(ops.channel_sum(x), jnp.sum(x, axis=tuple(range(len(shape) - 1))),
+                                atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, dtype", [((8, 6, 6, 5), jnp.float32), ((8, 7), jnp.float32),
+                                          ((8, 6, 6, 5), jnp.bfloat16)])
+def test_batch_norm_matches_flax_in_both_modes_with_gradients_and_statistics(shape, dtype):
+    x = (3 * jax.random.normal(jax.random.key(0), shape) + 1).astype(dtype)
+    plain = batch_norm(dtype=dtype)
+    fast = ops.layers_for("cpu")["norm"](dtype=dtype)
+    variables = plain.init(jax.random.key(1), x, use_running_average=False)
+    chex.assert_trees_all_equal(fast.init(jax.random.key(1), x, use_running_average=False),
+                                variables)  # same names, shapes and starting values
+    params = {"scale": jax.random.uniform(jax.random.key(2), shape[-1:]),
+              "bias": jax.random.normal(jax.random.key(3), shape[-1:])}
+    weights = jax.random.normal(jax.random.key(4), shape)
+
+    def loss(params, layer):
+        y, updates = layer.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 x, use_running_average=False, mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * weights), (y, updates)
+
+    (_, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(params, plain)
+    (_, (fast_y, fast_stats)), fast_grads = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, fast), has_aux=True))(params)
+    assert fast_y.dtype == y.dtype == dtype
+    atol = 1e-5 if dtype == jnp.float32 else 0.05
+    chex.assert_trees_all_close((fast_y.astype(jnp.float32), fast_stats, fast_grads),
+                                (y.astype(jnp.float32), stats, grads), atol=atol)
+    trained = {"params": params, "batch_stats": stats["batch_stats"]}
+    chex.assert_trees_all_close(fast.apply(trained, x, use_running_average=True),
+                                plain.apply(trained, x, use_running_average=True), atol=atol)
+
+
+def test_get_model_applies_only_the_layers_a_network_has_and_does_not_fix():
+    layers = ops.layers_for("cpu")
+    assert models.get_model("lenet", layers=layers).conv is layers["conv"]  # no max pool, no norm
+    assert models.get_model("googlenet", layers=layers).max_pool is layers["max_pool"]
+    assert models.get_model("lenet_bn_scratch", layers=layers).norm is ScratchBatchNorm
+
+
 def test_layers_for_each_backend():
-    assert set(ops.layers_for("cpu")) == {"conv", "max_pool"}
+    assert set(ops.layers_for("cpu")) == {"conv", "max_pool", "norm"}
     assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
 
 

@@ -73,7 +73,8 @@ def dense(features: int, **kwargs: Any) -> nn.Dense:
 # `nn.BatchNorm2d` / `nn.BatchNorm1d` with PyTorch's defaults: PyTorch's momentum 0.1 is
 # 0.9 in Flax's convention (the weight of the old moving statistics), eps 1e-5. Flax
 # computes and keeps the statistics in float32 whatever `dtype` is.
-batch_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+BATCH_NORM_SETTINGS = {"momentum": 0.9, "epsilon": 1e-5}
+batch_norm = functools.partial(nn.BatchNorm, **BATCH_NORM_SETTINGS)
 
 
 class MaxPool(nn.Module):

@@ -79,11 +79,13 @@ def get_model(name: str, num_classes: int = 10, layers: dict[str, Any] | None = 
     """Build network `name` with `num_classes` outputs; `fields` override the
     module's other fields (e.g. `get_model('vgg11', ratio=1)`). `layers` replaces
     the layers it is built from (`conv`, `max_pool`, ...; `cnnjax.ops.layers_for`)
-    where the network has them: LeNet, for one, has no max pool."""
+    where the network has them (LeNet has no max pool) and its name does not fix
+    them (lenet_bn_scratch keeps the book's batch norm)."""
     constructor = get_spec(name).constructor
     module = getattr(constructor, "func", constructor)  # through functools.partial
     names = {field.name for field in dataclasses.fields(module)}
-    fields.update({k: v for k, v in (layers or {}).items() if k in names})
+    chosen = getattr(constructor, "keywords", {})  # lenet_bn_scratch's own `norm`
+    fields.update({k: v for k, v in (layers or {}).items() if k in names and k not in chosen})
     return constructor(num_classes=num_classes, **fields)
 
 
