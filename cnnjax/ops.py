@@ -22,11 +22,10 @@ On a CPU:
 - a max pool keeps XLA's forward pass but takes `max_pool`'s gradient: XLA:CPU
   computes the gradient of a max pool (a select-and-scatter) about 20x slower than
   the pool itself, and building it from the window offsets is 4 to 10x faster;
-- batch norm over 32 channels or more is `BatchNorm`, Flax's layer with its sums
-  over the batch taken as `channel_sum`: XLA:CPU sums an (N, H, W, C) array over
-  N, H and W (a reduce-window per 32 rows, then a reduce) several times slower
-  than it sums the rows of a (rows, k * C) reshape of it, and batch norm takes
-  four such sums per step.
+- batch norm in training is `batch_norm_train`, with its own gradient, each pass
+  reading its input once for both of its sums (`channel_sums`): XLA:CPU splits a
+  sum over N, H and W into a reduce-window and a reduce, and writes out what it
+  sums (x * x, or the conv output plus its bias) before the reduce-window reads it.
 """
 
 from __future__ import annotations
@@ -212,32 +211,83 @@ def max_pool(x: jax.Array, window_shape, strides, padding) -> jax.Array:
                      x.shape[1:3])
 
 
-def channel_sum(x: jax.Array, width: int = 4096) -> jax.Array:
-    """The sum of x (N, ..., C) over every axis but the last: (C,). Each of x's N
-    slices is read as k rows of C (k the largest divisor of the slice's size with
-    k * C at most `width`); the rows k * C wide are summed first, then the k sums."""
-    c = x.shape[-1]
-    per_slice = math.prod(x.shape[1:-1])
-    k = max(d for d in range(1, per_slice + 1) if per_slice % d == 0 and d * c <= max(width, c))
-    return x.reshape(-1, k * c).sum(0).reshape(k, c).sum(0)
+def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
+    zeros = (jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
+    return lax.reduce((a, b), zeros, lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)
 
 
-@jax.custom_vjp
-def _per_channel(v, x):
-    """v (C,) broadcast to x's shape; its gradient is `channel_sum`."""
-    return jnp.broadcast_to(v, x.shape)
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sums of a and b (N, ..., C) over every axis but the last, (C,) each, as
+    one two-operand reduction: first over each example (the middle axes), then over
+    the N partial sums.
+
+    XLA:CPU rewrites a one-operand sum over many elements into a reduce-window and
+    a reduce, and the reduce-window takes no producers into its loop, so in
+    `jnp.sum(x * x, axis=(0, 1, 2))` the squares are written out first. A
+    two-operand reduction is left as it is and computes a and b (the squares, say)
+    as it reads x, in one pass."""
+    if a.ndim > 2:
+        a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
+    return _sum_pair(a, b, (0,))
 
 
-_per_channel.defvjp(lambda v, x: (jnp.broadcast_to(v, x.shape), None),
-                    lambda _, g: (channel_sum(g), None))
+def _stats_dtype(x: jax.Array):
+    return jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 statistics in float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Batch norm of x (N, ..., C) with the statistics of this batch, as
+    `flax.linen.BatchNorm` computes it in training: returns y = (x - mean) *
+    scale / sqrt(var + epsilon) + bias and the batch's mean and var (C,), float32,
+    var the one-pass E[x^2] - mean^2. Forward and backward each read x once for
+    their sums (`channel_sums`)."""
+    y, mean, var, _ = _batch_norm_forward_pass(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _batch_norm_forward_pass(x, scale, bias, epsilon):
+    stats = x.astype(_stats_dtype(x))
+    count = x.size // x.shape[-1]
+    total, total_sq = channel_sums(stats, stats * stats)
+    mean = total / count
+    var = jnp.maximum(0.0, total_sq / count - mean * mean)
+    rstd = lax.rsqrt(var + epsilon)
+    y = (stats - mean) * (rstd * scale) + bias
+    return y.astype(jnp.result_type(x, scale, bias)), mean, var, rstd
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    y, mean, var, rstd = _batch_norm_forward_pass(x, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, rstd, scale, bias)
+
+
+def _batch_norm_backward(epsilon, saved, cotangents):
+    """The gradient of y, mean and var with respect to x, scale and bias. With
+    xc = x - mean and M examples per channel: d scale = sum(g * xc) * rstd,
+    d bias = sum(g), and dx = scale * rstd * (g - sum(g) / M - xc * rstd^2 *
+    sum(g * xc) / M), plus what flows back from mean and var themselves."""
+    x, mean, rstd, scale, bias = saved
+    grad_y, grad_mean, grad_var = cotangents
+    count = x.size // x.shape[-1]
+    g = grad_y.astype(mean.dtype)
+    centred = x.astype(mean.dtype) - mean
+    sum_g, sum_g_centred = channel_sums(g, g * centred)
+    grad_x = (scale * rstd * (g - sum_g / count - centred * (rstd * rstd * sum_g_centred / count))
+              + grad_mean / count + centred * (2 * grad_var / count))
+    return (grad_x.astype(x.dtype), (sum_g_centred * rstd).astype(scale.dtype),
+            sum_g.astype(bias.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
 class BatchNorm(nn.Module):
     """`flax.linen.BatchNorm` over the last axis (the settings cnnjax uses: default
-    scale, bias and initialisers, no `axis_name`). With 32 channels or more, every
-    sum over the batch is taken by `channel_sum`, forward and backward. Same
-    variables (`scale`, `bias`; `batch_stats` `mean`, `var`), same one-pass variance
-    E[x^2] - E[x]^2 in float32, same outputs and gradients up to the order of sums."""
+    scale, bias and initialisers, no `axis_name`), training through
+    `batch_norm_train`. Same variables (`scale`, `bias`; `batch_stats` `mean`,
+    `var`), same one-pass variance in float32, same outputs, gradients and moving
+    statistics up to the order of sums."""
 
     use_running_average: bool | None = None
     momentum: float = 0.99
@@ -254,23 +304,16 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        # With few channels (LeNet-BN's 6 and 16) row sums made its step 25% slower.
-        wide = c >= 32
-        total = channel_sum if wide else lambda v: jnp.sum(v, axis=tuple(range(v.ndim - 1)))
-        per_channel = _per_channel if wide else lambda v, _: v
+        out_dtype = self.dtype or jnp.result_type(x, scale, bias)
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            count = x.size // c
-            mean = total(stats) / count
-            var = jnp.maximum(0.0, total(stats * stats) / count - mean * mean)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        mul = lax.rsqrt(var + self.epsilon) * scale
-        y = (x - per_channel(mean, x)) * per_channel(mul, x) + per_channel(bias, x)
-        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+            mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            y = (x.astype(_stats_dtype(x)) - ra_mean.value) * mul + bias
+            return y.astype(out_dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(out_dtype)
 
 
 def layers_for(backend: str) -> dict[str, Any]:

@@ -142,15 +142,38 @@ def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, str
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 6, 5), (4, 2, 2, 3), (6, 7), (2, 64, 64, 8)])
-def test_channel_sum_sums_over_every_axis_but_the_last(shape):
+def test_channel_sums_sum_both_arrays_over_every_axis_but_the_last(shape):
     x = jax.random.normal(jax.random.key(0), shape)
-    chex.assert_trees_all_close(ops.channel_sum(x), jnp.sum(x, axis=tuple(range(len(shape) - 1))),
-                                atol=1e-4, rtol=1e-6)
+    axes = tuple(range(len(shape) - 1))
+    chex.assert_trees_all_close(ops.channel_sums(x, x * x),
+                                (jnp.sum(x, axis=axes), jnp.sum(x * x, axis=axes)),
+                                atol=1e-4, rtol=1e-5)
+
+
+def reference_batch_norm(x, scale, bias, epsilon=1e-5):
+    """Batch norm as the book writes it (§7.5.3), with the batch's mean and variance."""
+    axes = tuple(range(x.ndim - 1))
+    mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+    return (x - mean) / jnp.sqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_batch_norm_train_gradients_include_what_flows_back_from_mean_and_var():
+    x = 2 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) + 1
+    scale, bias = jax.random.uniform(jax.random.key(1), (6,)), jnp.arange(6.0)
+    w, a, b = (jax.random.normal(jax.random.key(k), s) for k, s in ((2, x.shape), (3, (6,)), (4, (6,))))
+
+    def loss(f, x, scale, bias):
+        y, mean, var = f(x, scale, bias)
+        return jnp.sum(y * w) + jnp.sum(mean * a) + jnp.sum(var * b)
+
+    fast = jax.jit(jax.value_and_grad(lambda *args: loss(
+        lambda *v: ops.batch_norm_train(*v, 1e-5), *args), argnums=(0, 1, 2)))
+    plain = jax.value_and_grad(lambda *args: loss(reference_batch_norm, *args), argnums=(0, 1, 2))
+    chex.assert_trees_all_close(fast(x, scale, bias), plain(x, scale, bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape, dtype", [((8, 6, 6, 40), jnp.float32), ((8, 48), jnp.float32),
-                                          ((8, 6, 6, 40), jnp.bfloat16),
-                                          ((8, 6, 6, 5), jnp.float32)])  # XLA's sums
+                                          ((8, 6, 6, 40), jnp.bfloat16), ((8, 6, 6, 5), jnp.float32)])
 def test_batch_norm_matches_flax_in_both_modes_with_gradients_and_statistics(shape, dtype):
     x = (3 * jax.random.normal(jax.random.key(0), shape) + 1).astype(dtype)
     plain = batch_norm(dtype=dtype)
@@ -224,3 +247,4 @@ def test_shifted_conv_in_bfloat16_sums_in_float32():
     assert out.dtype == jnp.bfloat16
     reference_out = conv2d(6, 5, padding=2).apply(variables, x)
     chex.assert_trees_all_close(out.astype(jnp.float32), reference_out, atol=0.05, rtol=0.02)
+
