@@ -217,9 +217,9 @@ def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
 
 
 def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The sums of a and b (N, ..., C) over every axis but the last, (C,) each, as
-    one two-operand reduction: first over each example (the middle axes), then over
-    the N partial sums.
+    """The sums of a and b (N, ..., C) over every axis but the last, (C,) each: one
+    two-operand reduction over each example (the middle axes), then the sums of the
+    N partial sums.
 
     XLA:CPU rewrites a one-operand sum over many elements into a reduce-window and
     a reduce, and the reduce-window takes no producers into its loop, so in
@@ -228,7 +228,9 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     as it reads x, in one pass."""
     if a.ndim > 2:
         a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
-    return _sum_pair(a, b, (0,))
+    # The N partial sums as two plain sums: with the batch split over devices, XLA
+    # makes each an all-reduce (a two-operand one would gather all N first).
+    return jnp.sum(a, axis=0), jnp.sum(b, axis=0)
 
 
 def _stats_dtype(x: jax.Array):
