@@ -12,7 +12,8 @@ from XLA's cost analysis and, on a GPU or TPU whose peak is known, the achieved
 fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
 and input size (experiments/torch_models.py) is timed in the same run: the book's
 eager loop that resizes on the CPU, and on a GPU also a tuned one (channels-last,
-bf16 autocast, torch.compile).
+bf16 autocast, torch.compile). Their timed windows alternate with JAX's, so that
+a machine whose speed drifts slows both alike.
 
 Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
 torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
@@ -26,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -69,7 +71,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--devices", type=positive_int, metavar="N",
                         help="split each batch over the first N devices (default: all)")
     parser.add_argument("--windows", type=positive_int, default=5,
-                        help="timed windows per measurement; the median is reported (default 5)")
+                        help="timed windows per measurement; the median is reported (default 5); "
+                             "with --torch, PyTorch's windows alternate with JAX's")
     parser.add_argument("--steps", type=positive_int, default=10,
                         help="training steps per timed window (default 10)")
     parser.add_argument("--steps-per-dispatch", type=positive_int, default=1, metavar="K",
@@ -106,17 +109,18 @@ def load_data(data_dir: str | None, max_train: int | None = None, max_test: int 
                                  labels(num_test)), "random"
 
 
-def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
-             steps_per_dispatch: int = 1) -> dict:
-    """Steady-state images/sec of `cnnjax.train`'s compiled train step, as training
-    runs it (same arrays, same dispatch), timed between device syncs. With
-    `steps_per_dispatch` K > 1, K steps run inside one compiled call instead."""
+def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int = 1
+              ) -> tuple[Callable[[int], float], dict]:
+    """`cnnjax.train`'s compiled train step, as training runs it (same arrays, same
+    dispatch), compiled and warmed up: returns `window` and `info`. `window(steps)`
+    runs `steps` steps and returns their images per second, timed between device
+    syncs; `info` holds the compile time, the FLOPs of one step and the devices.
+    With `steps_per_dispatch` K > 1, K steps run inside one compiled call instead."""
     run = Prepared.create(config, dataset, num_devices)
     state, totals = run.state, run.totals
     batches = run.epoch_batches(0)
     cost = run.compiled_train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns a list
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     step = run.train_step
     if steps_per_dispatch > 1:
         # The data are arguments, not closed over: a jitted function bakes closed-over
@@ -136,35 +140,30 @@ def time_jax(config, dataset, num_devices: int | None, windows: int, steps: int,
         def step(state, totals, batches):
             return scan_steps(state, totals, a["train_images"], a["train_labels"], batches,
                               a["rng_key"])
-    calls = max(1, steps // steps_per_dispatch)
 
     for _ in range(2):  # warm-up: compiles `scan_steps`; first executions allocate
         state, totals = step(state, totals, batches)
     jax.block_until_ready(totals)
-    rates = []
-    for _ in range(windows):
+
+    def window(steps: int) -> float:
+        nonlocal state, totals
+        calls = max(1, steps // steps_per_dispatch)
         started = time.perf_counter()
         for _ in range(calls):
             state, totals = step(state, totals, batches)
         jax.block_until_ready(totals)
-        rates.append(calls * steps_per_dispatch * config.batch_size
-                     / (time.perf_counter() - started))
-    img_per_s = statistics.median(rates)
-    device = jax.devices()[0]
-    result = {"jax_img_per_s": round(img_per_s, 1),
-              "jax_window_img_per_s": [round(r, 1) for r in rates],
-              "compile_s": run.compile_seconds, "flops_per_step": flops,
-              "device": describe_device(), "device_count": run.parallel.num_devices,
-              "jax_version": jax.__version__}
-    peak = peak_flops(device.device_kind)
-    if peak and flops:
-        steps_per_s = img_per_s / config.batch_size
-        result["mfu"] = round(flops * steps_per_s / (peak * run.parallel.num_devices), 4)
-    return result
+        return calls * steps_per_dispatch * config.batch_size / (time.perf_counter() - started)
+
+    info = {"compile_s": run.compile_seconds,
+            "flops_per_step": float(cost.get("flops", 0.0)) if cost else 0.0,
+            "device": describe_device(), "device_count": run.parallel.num_devices,
+            "jax_version": jax.__version__}
+    return window, info
 
 
-def time_torch(config, dataset, windows: int, steps: int, flavours: list[str]) -> dict:
-    """PyTorch's img/s for `flavours` ([] means book, and tuned on a GPU)."""
+def torch_timers(config, dataset, flavours: list[str]) -> dict[str, tuple]:
+    """PyTorch's timers (`torch_models.training_timer`) for `flavours` ([] means book,
+    and tuned on a GPU), keyed "torch" (book) and "torch_tuned"."""
     import torch
 
     from experiments import torch_models
@@ -172,18 +171,59 @@ def time_torch(config, dataset, windows: int, steps: int, flavours: list[str]) -
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flavours = flavours or ["book"] + (["tuned"] if device == "cuda" else [])
     common = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
-                  device=device, windows=windows, steps_per_window=steps,
-                  images=dataset.train_images, labels=dataset.train_labels)
-    result = {"torch_device": device, "torch_version": torch.__version__}
-    if "book" in flavours:
-        book = torch_models.time_training(config.arch, flavour="book", **common)
-        result.update(torch_img_per_s=round(book["img_per_s"], 1),
-                      torch_threads=book["threads"])
-    if "tuned" in flavours:
-        tuned = torch_models.time_training(config.arch, flavour="tuned", **common)
-        result.update(torch_tuned_img_per_s=round(tuned["img_per_s"], 1),
-                      torch_tuned_compiled=tuned["compiled"])
-    return result
+                  device=device, images=dataset.train_images, labels=dataset.train_labels)
+    names = {"book": "torch", "tuned": "torch_tuned"}
+    return {names[f]: torch_models.training_timer(config.arch, flavour=f, **common)
+            for f in ("book", "tuned") if f in flavours}
+
+
+def time_interleaved(windows: dict[str, Callable[[int], float]], rounds: int,
+                     steps: int) -> dict[str, list[float]]:
+    """Each timer's rates (images/sec) over `rounds` rounds in which every timer runs
+    one window of `steps` steps, in the reverse order each round. On a machine whose
+    speed drifts (a shared VM can change by 40% within minutes), the timers then
+    see the same machine, and their ratio compares the code, not the moment."""
+    rates = {name: [] for name in windows}
+    order = list(windows)
+    for _ in range(rounds):
+        for name in order:
+            rates[name].append(windows[name](steps))
+        order.reverse()
+    return rates
+
+
+def measure(config, dataset, num_devices: int | None, windows: int, steps: int,
+            steps_per_dispatch: int = 1, torch_flavours: list[str] | None = None) -> dict:
+    """One bench row's measurements for `config`: JAX's images/sec (the median of
+    `windows` windows of `steps` steps) with its compile time, FLOPs and MFU, and
+    with `torch_flavours` (not None) PyTorch's, their windows interleaved."""
+    timers = {"jax": jax_timer(config, dataset, num_devices, steps_per_dispatch)}
+    if torch_flavours is not None:
+        timers.update(torch_timers(config, dataset, torch_flavours))
+    rates = time_interleaved({name: w for name, (w, _) in timers.items()}, windows, steps)
+    info = timers["jax"][1]
+    img_per_s = statistics.median(rates["jax"])
+    row = {"jax_img_per_s": round(img_per_s, 1),
+           "jax_window_img_per_s": [round(r, 1) for r in rates["jax"]], **info}
+    peak = peak_flops(jax.devices()[0].device_kind)
+    if peak and info["flops_per_step"]:
+        steps_per_s = img_per_s / config.batch_size
+        row["mfu"] = round(info["flops_per_step"] * steps_per_s
+                           / (peak * info["device_count"]), 4)
+    if "torch" in timers:
+        torch_info = timers["torch"][1]
+        row.update(torch_device=torch_info["device"], torch_version=torch_info["torch_version"],
+                   torch_threads=torch_info["threads"],
+                   torch_img_per_s=round(statistics.median(rates["torch"]), 1),
+                   torch_window_img_per_s=[round(r, 1) for r in rates["torch"]])
+        row["ratio"] = round(img_per_s / row["torch_img_per_s"], 3)
+    if "torch_tuned" in timers:
+        tuned_info = timers["torch_tuned"][1]
+        row.update(torch_device=tuned_info["device"], torch_version=tuned_info["torch_version"],
+                   torch_tuned_img_per_s=round(statistics.median(rates["torch_tuned"]), 1),
+                   torch_tuned_compiled=tuned_info["compiled"])
+        row["ratio_tuned"] = round(img_per_s / row["torch_tuned_img_per_s"], 3)
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -247,16 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
                "dtype": config.dtype, "data": source,
                "date": time.strftime("%Y-%m-%d")}
-        row.update(time_jax(config, dataset, args.devices, args.windows, args.steps,
-                            args.steps_per_dispatch))
+        row.update(measure(config, dataset, args.devices, args.windows, args.steps,
+                           args.steps_per_dispatch, args.torch))
         if args.steps_per_dispatch > 1:
             row["steps_per_dispatch"] = args.steps_per_dispatch
-        if args.torch is not None:
-            row.update(time_torch(config, dataset, args.windows, args.steps, args.torch))
-            if "torch_img_per_s" in row:
-                row["ratio"] = round(row["jax_img_per_s"] / row["torch_img_per_s"], 3)
-            if "torch_tuned_img_per_s" in row:
-                row["ratio_tuned"] = round(row["jax_img_per_s"] / row["torch_tuned_img_per_s"], 3)
         line = json.dumps(row)
         print(line, flush=True)
         if args.jsonl:

@@ -7,10 +7,11 @@ same kernels, strides, paddings, widths, dropout, batch-norm placement
 activations, so that `count_params(build(arch))` equals the JAX count.
 Weights start Xavier-uniform, as the book's `train_ch6` initialises them.
 
-`time_training` times the book's training loop (`train_ch6`: SGD, cross-entropy,
-resizing on the CPU inside the loop), either eagerly as the book writes it
-("book") or with the usual PyTorch speed-ups ("tuned": channels-last, bfloat16
-autocast, `torch.compile`, resizing on the device). Only `experiments/bench.py`
+`training_timer` (and `time_training`, which runs its windows) times the book's
+training loop (`train_ch6`: SGD, cross-entropy, resizing on the CPU inside the
+loop), either eagerly as the book writes it ("book") or with the usual PyTorch
+speed-ups ("tuned": channels-last, bfloat16 autocast, `torch.compile`, resizing
+on the device). Only `experiments/bench.py`
 uses this module; it needs PyTorch (no torchvision).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from torch.nn import functional as F
 
 from cnnjax.config import recipe_settings
 
-__all__ = ["build", "count_params", "time_training"]
+__all__ = ["build", "count_params", "time_training", "training_timer"]
 
 def _out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """Output length of a conv or pool along one axis (d2l §6.3)."""
@@ -437,11 +439,15 @@ def _synchronize(device: torch.device, loss: torch.Tensor) -> float:
     return loss.item()
 
 
-def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
-                  flavour: str = "book", device: str = "cpu", windows: int = 5,
-                  steps_per_window: int = 10, warmup_steps: int = 3, seed: int = 0,
-                  images=None, labels=None) -> dict:
-    """Images per second of `train_ch6`'s training step for network `arch`.
+def training_timer(arch: str, *, batch_size: int, resize: int, lr: float,
+                   flavour: str = "book", device: str = "cpu", warmup_steps: int = 3,
+                   seed: int = 0, images=None, labels=None
+                   ) -> tuple[Callable[[int], float], dict]:
+    """`train_ch6`'s training step for network `arch`, warmed up and ready to time:
+    returns `window` and `info`. `window(steps)` runs `steps` steps, waits for the
+    device and returns their images per second; `info` says how (flavour,
+    compiled, threads, device, torch_version, warmup_seconds) and holds the
+    final_loss of the last window.
 
     Each step draws `batch_size` random examples of `images` (uint8, N x 28 x 28
     or N x 28 x 28 x 1; default 60000 random images), scales them to [0, 1],
@@ -450,8 +456,7 @@ def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
     NCHW float32 with the resize on the CPU, as the book's DataLoader does it;
     "tuned": channels-last, bfloat16 autocast, `torch.compile` (eager if
     compiling fails: "compiled" is then False) and the resize on `device`.
-    `warmup_steps` untimed steps (compilation included) come first, then
-    `windows` timed windows of `steps_per_window` steps, each ending with a sync.
+    `warmup_steps` untimed steps (at least one; compilation included) run first.
     """
     if flavour not in ("book", "tuned"):
         raise ValueError(f"unknown flavour {flavour!r}; valid: book, tuned")
@@ -526,27 +531,30 @@ def time_training(arch: str, *, batch_size: int, resize: int, lr: float,
         return step()
 
     start = time.perf_counter()
-    loss = None
-    for _ in range(warmup_steps):
-        loss = step() if loss is not None else first_step()
-    final_loss = _synchronize(dev, loss) if loss is not None else float("nan")
-    warmup_seconds = time.perf_counter() - start
+    loss = first_step()
+    for _ in range(warmup_steps - 1):
+        loss = step()
+    _synchronize(dev, loss)
 
-    rates = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(steps_per_window):
-            loss = step() if loss is not None else first_step()
-        final_loss = _synchronize(dev, loss)
-        rates.append(batch_size * steps_per_window / (time.perf_counter() - start))
-    return {
-        "img_per_s": statistics.median(rates) if rates else float("nan"),
-        "window_img_per_s": rates,
-        "warmup_seconds": warmup_seconds,
-        "flavour": flavour,
-        "compiled": compiled,
-        "threads": torch.get_num_threads(),
-        "device": str(dev),
-        "torch_version": torch.__version__,
-        "final_loss": final_loss,
-    }
+    info = {"flavour": flavour, "compiled": compiled, "threads": torch.get_num_threads(),
+            "device": str(dev), "torch_version": torch.__version__,
+            "warmup_seconds": time.perf_counter() - start, "final_loss": float("nan")}
+
+    def window(steps: int) -> float:
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        info["final_loss"] = _synchronize(dev, loss)
+        return batch_size * steps / (time.perf_counter() - started)
+
+    return window, info
+
+
+def time_training(arch: str, *, windows: int = 5, steps_per_window: int = 10,
+                  **settings) -> dict:
+    """Images per second of `training_timer(arch, **settings)`: the median of
+    `windows` timed windows of `steps_per_window` steps, with each window's rate
+    and the timer's `info`."""
+    window, info = training_timer(arch, **settings)
+    rates = [window(steps_per_window) for _ in range(windows)]
+    return {"img_per_s": statistics.median(rates), "window_img_per_s": rates, **info}

@@ -54,6 +54,36 @@ def test_bench_prints_a_json_line_and_a_table(fashion_mnist_dir, tmp_path):
     assert "| lenet | 32 | 28x28 | float32 | 1 |" in proc.stdout
 
 
+def test_bench_times_pytorch_beside_jax(fashion_mnist_dir):
+    pytest.importorskip("torch")
+    proc = run_main("experiments.bench", "--arch", "lenet", "--batch-size", "16",
+                    "--max-train", "256", "--max-test", "32", "--windows", "2",
+                    "--steps", "1", "--data-dir", fashion_mnist_dir, "--torch")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert len(row["jax_window_img_per_s"]) == len(row["torch_window_img_per_s"]) == 2
+    assert row["ratio"] == pytest.approx(row["jax_img_per_s"] / row["torch_img_per_s"],
+                                         rel=1e-2)
+    assert row["torch_threads"] >= 1 and "| lenet | 16 | 28x28 |" in proc.stdout
+
+
+def test_bench_alternates_the_timed_windows():
+    from experiments.bench import time_interleaved
+
+    calls = []
+
+    def timer(name, rate):
+        def window(steps):
+            calls.append((name, steps))
+            return rate
+        return window
+
+    rates = time_interleaved({"jax": timer("jax", 2.0), "torch": timer("torch", 1.0)}, 3, 5)
+    assert rates == {"jax": [2.0] * 3, "torch": [1.0] * 3}
+    assert [name for name, _ in calls] == ["jax", "torch", "torch", "jax", "jax", "torch"]
+    assert all(steps == 5 for _, steps in calls)
+
+
 def test_bench_rejects_bad_input():
     proc = run_main("experiments.bench", "--arch", "resnet50")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

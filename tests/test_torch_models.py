@@ -70,3 +70,4 @@ def test_time_training_tuned_compiles_and_trains():
                                         steps_per_window=2, warmup_steps=1)
     assert result["flavour"] == "tuned" and result["compiled"] is True
     assert result["img_per_s"] > 0 and math.isfinite(result["final_loss"])
+
