@@ -11,7 +11,7 @@ On a CPU:
 - a stride-1 convolution of a one-channel input (the first layer of LeNet and VGG on
   Fashion-MNIST) runs as `shifted_conv`, the book's cross-correlation (§6.2) as a sum
   of shifted inputs, which XLA:CPU fuses into one loop several times faster than its
-  convolution;
+  convolution, in networks without batch norm (`layers_for`);
 - a 1x1 convolution, and one with a small output map (at most 2x2; at most 4x4 with
   a stride above 1 or a kernel larger than the map: the last stages of ResNet,
   GoogLeNet and DenseNet at 64x64 and below) runs as `im2col_conv`, one matrix
@@ -111,12 +111,12 @@ def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) 
 def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                              rhs_dilation=None, dimension_numbers=None,
                              feature_group_count=1, precision=None,
-                             preferred_element_type=None):
+                             preferred_element_type=None, *, shifted=True):
     """`lax.conv_general_dilated` as `nn.Conv` calls it, with a grouped convolution
     split into one convolution per group, the one-channel stride-1 case sent to
-    `shifted_conv` and 1x1 kernels and small output maps to `im2col_conv` (see the
-    module docstring). The case is decided from static shapes while the model is
-    traced, not at run time."""
+    `shifted_conv` (unless `shifted` is False) and 1x1 kernels and small output maps
+    to `im2col_conv` (see the module docstring). The case is decided from static
+    shapes while the model is traced, not at run time."""
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     plain_2d = (lhs.ndim == 4 and undilated and not isinstance(padding, str)
                 and precision is None and preferred_element_type is None
@@ -130,7 +130,7 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                                 for x, k in groups], axis=-1)
     if plain_2d:
         pads, strides = tuple(map(tuple, padding)), tuple(window_strides)
-        if rhs.shape[2] == 1 and strides == (1, 1):
+        if shifted and rhs.shape[2] == 1 and strides == (1, 1):
             return shifted_conv(lhs, rhs, pads)
         out = [_output_size(lhs.shape[1 + i], rhs.shape[i], strides[i], pads[i])
                for i in range(2)]
@@ -318,13 +318,17 @@ class BatchNorm(nn.Module):
         return y.astype(out_dtype)
 
 
-def layers_for(backend: str) -> dict[str, Any]:
+def layers_for(backend: str, batch_norm: bool = False) -> dict[str, Any]:
     """The layer fields to build a model with on `backend` ("cpu", "gpu", "tpu"):
     pass them to `cnnjax.models.get_model(..., layers=...)`. Empty where the plain
-    layers are best."""
+    layers are best. `batch_norm`: the network batch-normalizes its convolutions'
+    outputs; on a CPU, its one-channel convolution then stays XLA's (no
+    `shifted_conv`): XLA computes the shifted sums again inside each of batch norm's
+    passes over them (forward and backward sums, normalisation, gradient), which
+    costs more than its own convolution does."""
     if backend == "cpu":
-        return {"conv": functools.partial(common.conv2d,
-                                          conv_general_dilated=cpu_conv_general_dilated),
+        conv = functools.partial(cpu_conv_general_dilated, shifted=not batch_norm)
+        return {"conv": functools.partial(common.conv2d, conv_general_dilated=conv),
                 "max_pool": functools.partial(common.MaxPool, pool=max_pool),
                 "norm": functools.partial(BatchNorm, **common.BATCH_NORM_SETTINGS)}
     return {}

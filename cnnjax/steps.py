@@ -82,8 +82,9 @@ def build_model(config: TrainConfig, backend: str | None = None) -> nn.Module:
     """The network `config.arch`, computing in `config.dtype` (params stay float32),
     built from the layers that are fastest on `backend` (default: JAX's default
     backend; see `cnnjax.ops`)."""
-    return models.get_model(config.arch, dtype=DTYPES[config.dtype],
-                            layers=ops.layers_for(backend or jax.default_backend()))
+    layers = ops.layers_for(backend or jax.default_backend(),
+                            batch_norm=models.has_batch_norm(config.arch))
+    return models.get_model(config.arch, dtype=DTYPES[config.dtype], layers=layers)
 
 
 def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cnnjax import models, ops
+from cnnjax import models, ops, steps
+from cnnjax.config import TrainConfig
 from cnnjax.layers import BatchNorm as ScratchBatchNorm
 from cnnjax.models.common import batch_norm, conv2d
 
@@ -207,6 +208,17 @@ def test_get_model_applies_only_the_layers_a_network_has_and_does_not_fix():
     assert models.get_model("lenet", layers=layers).conv is layers["conv"]  # no max pool, no norm
     assert models.get_model("googlenet", layers=layers).max_pool is layers["max_pool"]
     assert models.get_model("lenet_bn_scratch", layers=layers).norm is ScratchBatchNorm
+
+
+def test_one_channel_conv_is_shifted_only_in_networks_without_batch_norm():
+    x = jnp.ones((2, 28, 28, 1))
+
+    def takes_shifted_conv(arch: str) -> bool:
+        model = steps.build_model(TrainConfig(arch=arch, resize=28), backend="cpu")
+        variables = model.init(jax.random.key(0), x)
+        return "shifted_conv" in str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
+
+    assert takes_shifted_conv("lenet") and not takes_shifted_conv("lenet_bn")
 
 
 def test_layers_for_each_backend():
