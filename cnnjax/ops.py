@@ -172,25 +172,31 @@ def _max_pool_backward(window, strides, padding, size, first, grad_out):
     """Each output's gradient goes to the input `_max_pool_forward` found for it.
     The padded input is built a stride-sized tile at a time: row r, column q of
     tile (m, n) takes, from each offset (a, b) with a = r + sh * t and
-    b = q + sw * u, the gradient of output (m - t, n - u) if its max sits there."""
+    b = q + sw * u, the gradient of output (m - t, n - u) if its max sits there.
+    Those are windows of the output gradient and offsets padded once, so each tile
+    is one loop over them."""
     (kh, kw), (sh, sw) = window, strides
     (top, bottom), (left, right) = padding
     batch, ho, wo, channels = grad_out.shape
-    zero = jnp.zeros((), grad_out.dtype)
     # Enough tiles to cover the padded input.
     mh, mw = -(-(size[0] + top + bottom) // sh), -(-(size[1] + left + right) // sw)
-    offsets = [(a, b) for a in range(kh) for b in range(kw)]
+    # Output (m - t, n - u) sits at (m + t_max - t, n + u_max - u) of the padded arrays.
+    t_max, u_max = (kh - 1) // sh, (kw - 1) // sw
+    pads = ((0, 0), (t_max, mh - ho), (u_max, mw - wo), (0, 0))
+    grad_out = jnp.pad(grad_out, pads)
+    first = jnp.pad(first, pads, constant_values=-1)
+    zero = jnp.zeros((), grad_out.dtype)
     rows = []
     for r in range(sh):
         cols = []
         for q in range(sw):
             tile = jnp.zeros((batch, mh, mw, channels), grad_out.dtype)
-            for k, (a, b) in enumerate(offsets):
+            for k in range(kh * kw):
+                a, b = divmod(k, kw)
                 if a % sh == r and b % sw == q:
-                    t, u = a // sh, b // sw
-                    tile = tile + lax.pad(jnp.where(first == k, grad_out, zero), zero,
-                                          ((0, 0, 0), (t, mh - ho - t, 0),
-                                           (u, mw - wo - u, 0), (0, 0, 0)))
+                    i, j = t_max - a // sh, u_max - b // sw
+                    view = (slice(None), slice(i, i + mh), slice(j, j + mw))
+                    tile = tile + jnp.where(first[view] == k, grad_out[view], zero)
             cols.append(tile)
         rows.append(jnp.stack(cols, axis=3))  # (N, mh, mw, sw, C)
     grad = jnp.stack(rows, axis=2).reshape(batch, mh * sh, mw * sw, channels)
