@@ -98,10 +98,14 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     matrix. Equal to `lax.conv_general_dilated`; its gradients are JAX's, through
     the slices and the product."""
     kh, kw, c, o = kernel.shape
+    (sh, sw), n = strides, x.shape[0]
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out = [(x.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(2)]
-    patches = jnp.concatenate(_window_views(x, (kh, kw), strides, out), axis=-1)
-    return jnp.dot(patches, kernel.reshape(kh * kw * c, o))
+    out_h, out_w = [(x.shape[1 + i] - kernel.shape[i]) // strides[i] + 1 for i in range(2)]
+    # The rows' kh views, then the columns' kw views of those: kh + kw slices, not
+    # kh * kw (XLA:CPU compiles each slice into a loop of its own).
+    rows = jnp.stack([x[:, a:a + sh * (out_h - 1) + 1:sh] for a in range(kh)], axis=3)
+    patches = jnp.stack([rows[:, :, b:b + sw * (out_w - 1) + 1:sw] for b in range(kw)], axis=4)
+    return jnp.dot(patches.reshape(n, out_h, out_w, kh * kw * c), kernel.reshape(kh * kw * c, o))
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
