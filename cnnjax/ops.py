@@ -19,6 +19,10 @@ On a CPU:
   2x faster than its convolution for 1x1 kernels and up to 40x faster on 2x2 maps;
 - a grouped convolution (ResNeXt's 3x3) runs as one convolution per group, their
   outputs side by side: 15 to 30x faster than XLA:CPU's grouped convolution;
+- any other convolution with a stride above 1 (ResNet's and RegNet's 3x3 stride-2
+  convolutions) is `strided_conv`: XLA's convolution and kernel gradient, its input
+  gradient one stride-1 convolution per phase of the input: 1.5 to 2.7x faster than
+  XLA:CPU's, which multiplies the zeros of a dilated output gradient;
 - a max pool keeps XLA's forward pass but takes `max_pool`'s gradient: XLA:CPU
   computes the gradient of a max pool (a select-and-scatter) about 20x slower than
   the pool itself, and building it from the window offsets is 4 to 10x faster;
@@ -108,6 +112,56 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     return jnp.dot(patches.reshape(n, out_h, out_w, kh * kw * c), kernel.reshape(kh * kw * c, o))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding) -> jax.Array:
+    """A convolution with a stride above 1: XLA's, and XLA's gradient for the
+    kernel, but the gradient for x as one stride-1 convolution per phase of the
+    padded input. Padded row r + s * m (phase r, stride s) is seen only by kernel
+    rows r, r + s, ..., so its gradient is the output gradient correlated with
+    those rows, flipped; the s * s phases are then interleaved. XLA:CPU computes
+    that gradient as one convolution over the output gradient dilated by the
+    stride, most of whose products are with the zeros between its rows."""
+    return _nhwc_strided_conv(x, kernel, strides, padding)
+
+
+def _nhwc_strided_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+
+def _strided_conv_forward(x, kernel, strides, padding):
+    return _nhwc_strided_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _strided_conv_backward(strides, padding, saved, grad_out):
+    x, kernel = saved
+    n, h, w, c = x.shape
+    (sh, sw), ((top, bottom), (left, right)) = strides, padding
+    # Rows (columns) of the padded input per phase, enough for every output window.
+    mh, mw = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)
+    oh, ow = grad_out.shape[1:3]
+    rows = []
+    for r in range(sh):
+        phases = []
+        for q in range(sw):
+            taps = kernel[r::sh, q::sw]  # (T, U, C, O): kernel rows r, r + sh, ...
+            t, u = taps.shape[:2]
+            if t == 0 or u == 0:  # a kernel smaller than the stride never sees it
+                phases.append(jnp.zeros((n, mh, mw, c), grad_out.dtype))
+                continue
+            flipped = jnp.flip(taps, (0, 1)).swapaxes(2, 3)
+            phases.append(_nhwc_conv(grad_out, flipped, ((t - 1, mh - oh), (u - 1, mw - ow))))
+        rows.append(jnp.stack(phases, axis=3))  # (N, mh, mw, sw, C)
+    padded = jnp.stack(rows, axis=2).reshape(n, mh * sh, mw * sw, c)
+    grad_x = padded[:, top:top + h, left:left + w].astype(x.dtype)
+    grad_kernel, = jax.linear_transpose(
+        lambda k: _nhwc_strided_conv(x, k, strides, padding), kernel)(grad_out)
+    return grad_x, grad_kernel
+
+
+strided_conv.defvjp(_strided_conv_forward, _strided_conv_backward)
+
+
 def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
     return (size + sum(padding) - kernel) // stride + 1
 
@@ -118,8 +172,9 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                              preferred_element_type=None, *, shifted=True):
     """`lax.conv_general_dilated` as `nn.Conv` calls it, with a grouped convolution
     split into one convolution per group, the one-channel stride-1 case sent to
-    `shifted_conv` (unless `shifted` is False) and 1x1 kernels and small output maps
-    to `im2col_conv` (see the module docstring). The case is decided from static
+    `shifted_conv` (unless `shifted` is False), 1x1 kernels and small output maps
+    to `im2col_conv`, and other strided ones to `strided_conv` (see the module
+    docstring). The case is decided from static
     shapes while the model is traced, not at run time."""
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     plain_2d = (lhs.ndim == 4 and undilated and not isinstance(padding, str)
@@ -142,6 +197,8 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
             strides != (1, 1) or rhs.shape[0] > out[0] or rhs.shape[1] > out[1]))
         if rhs.shape[:2] == (1, 1) or small:
             return im2col_conv(lhs, rhs, strides, pads)
+        if strides != (1, 1):
+            return strided_conv(lhs, rhs, strides, pads)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision,

@@ -53,7 +53,7 @@ def test_cpu_conv_takes_the_shifted_path_only_for_one_channel_at_stride_1(channe
                                             dimension_numbers=NHWC)
 
     primitives = str(jax.make_jaxpr(cpu)(x, kernel))
-    assert ("custom_vjp_call" in primitives) == shifted
+    assert ("name=shifted_conv" in primitives) == shifted
     assert_same_values_and_gradients(cpu, lambda x, k: xla_conv(x, k, (strides, strides), pads),
                                      x, kernel)
 
@@ -68,6 +68,36 @@ def test_im2col_conv_matches_xla_convolution_and_its_gradients(size, channels, k
     pads, stride2 = ((padding, padding), (padding, padding)), (strides, strides)
     assert_same_values_and_gradients(lambda x, k: ops.im2col_conv(x, k, stride2, pads),
                                      lambda x, k: xla_conv(x, k, stride2, pads), x, kernel)
+
+
+@pytest.mark.parametrize("size, kernel_size, strides, padding", [
+    (9, 3, 2, 1),    # ResNet's and RegNet's 3x3 stride-2 convolutions, odd size
+    (10, 3, 2, 1),
+    (11, 7, 2, 3),   # ResNet's and GoogLeNet's stem
+    (23, 11, 4, 1),  # AlexNet's first layer
+    (10, 3, 2, 0),   # windows that miss the last row
+    (9, 2, 3, 0),    # a kernel smaller than the stride: some rows get no gradient
+])
+def test_strided_conv_matches_xla_convolution_and_its_gradients(size, kernel_size, strides,
+                                                                padding):
+    x = jax.random.normal(jax.random.key(0), (3, size, size, 4))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 5))
+    pads, stride2 = ((padding, padding), (padding + 1, padding)), (strides, strides)
+    assert_same_values_and_gradients(lambda x, k: ops.strided_conv(x, k, stride2, pads),
+                                     lambda x, k: xla_conv(x, k, stride2, pads), x, kernel)
+
+
+def test_cpu_conv_takes_the_strided_path_for_strided_convolutions_on_larger_maps():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+
+    def cpu(x, k):
+        return ops.cpu_conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=NHWC)
+
+    assert "name=strided_conv" in str(jax.make_jaxpr(cpu)(x, kernel))
+    assert_same_values_and_gradients(cpu, lambda x, k: xla_conv(x, k, (2, 2), ((1, 1), (1, 1))),
+                                     x, kernel)
 
 
 @pytest.mark.parametrize("size, kernel_size, strides, im2col", [
