@@ -21,8 +21,9 @@ On a CPU:
   outputs side by side: 15 to 30x faster than XLA:CPU's grouped convolution;
 - any other convolution with a stride above 1 (ResNet's and RegNet's 3x3 stride-2
   convolutions) is `strided_conv`: XLA's convolution and kernel gradient, its input
-  gradient one stride-1 convolution per phase of the input: 1.5 to 2.7x faster than
-  XLA:CPU's, which multiplies the zeros of a dilated output gradient;
+  gradient one stride-1 convolution per phase of the input: 1.6 to 2.7x faster than
+  XLA:CPU's for 3x3 kernels with padding 1 (XLA multiplies the zeros of a dilated
+  output gradient);
 - a max pool keeps XLA's forward pass but takes `max_pool`'s gradient: XLA:CPU
   computes the gradient of a max pool (a select-and-scatter) about 20x slower than
   the pool itself, and building it from the window offsets is 4 to 10x faster;
