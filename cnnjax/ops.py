@@ -49,8 +49,8 @@ from cnnjax.models import common
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _nhwc_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
+def _nhwc_conv(x: jax.Array, kernel: jax.Array, padding, strides=(1, 1)) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -123,15 +123,11 @@ def strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     those rows, flipped; the s * s phases are then interleaved. XLA:CPU computes
     that gradient as one convolution over the output gradient dilated by the
     stride, most of whose products are with the zeros between its rows."""
-    return _nhwc_strided_conv(x, kernel, strides, padding)
-
-
-def _nhwc_strided_conv(x, kernel, strides, padding):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+    return _nhwc_conv(x, kernel, padding, strides)
 
 
 def _strided_conv_forward(x, kernel, strides, padding):
-    return _nhwc_strided_conv(x, kernel, strides, padding), (x, kernel)
+    return _nhwc_conv(x, kernel, padding, strides), (x, kernel)
 
 
 def _strided_conv_backward(strides, padding, saved, grad_out):
@@ -156,7 +152,7 @@ def _strided_conv_backward(strides, padding, saved, grad_out):
     padded = jnp.stack(rows, axis=2).reshape(n, mh * sh, mw * sw, c)
     grad_x = padded[:, top:top + h, left:left + w].astype(x.dtype)
     grad_kernel, = jax.linear_transpose(
-        lambda k: _nhwc_strided_conv(x, k, strides, padding), kernel)(grad_out)
+        lambda k: _nhwc_conv(x, k, padding, strides), kernel)(grad_out)
     return grad_x, grad_kernel
 
 
