@@ -65,6 +65,15 @@ def describe_device() -> str:
     return f"{device.platform} ({device.device_kind})"
 
 
+def flops(lowered) -> float:
+    """The FLOPs of a lowered (not yet compiled) computation, as XLA's cost analysis
+    counts them. Counted before XLA optimizes the program: after it, a GPU's
+    convolutions are calls into cuDNN, which the analysis does not count."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns a list
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 class _StopOnSignal:
     """While active, Ctrl-C (SIGINT) or SIGTERM (what Colab, preemptible cloud VMs,
     SLURM and Kubernetes send before they stop a job) sets a flag that the loop checks
@@ -125,6 +134,7 @@ class Prepared:
     num_test: int
     steps_per_epoch: int
     compile_seconds: float
+    train_flops: float  # of one train step, as XLA counts them before optimizing
     compiled_train: Any  # jax.stages.Compiled
     compiled_eval: Any
     arrays: dict[str, jax.Array]  # what the compiled steps read besides state and batches
@@ -160,15 +170,17 @@ class Prepared:
         started = time.perf_counter()
         batches = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32,
                                        sharding=parallel.batch_sharding(2, 1))
-        compiled_train = train_step.lower(
+        lowered_train = train_step.lower(
             state, totals, arrays["train_images"], arrays["train_labels"], batches,
-            arrays["rng_key"], resize=config.resize, augment=config.augment).compile()
+            arrays["rng_key"], resize=config.resize, augment=config.augment)
+        compiled_train = lowered_train.compile()
         compiled_eval = evaluate.lower(
             state, arrays["test_images"], arrays["test_labels"], arrays["test_batches"],
             arrays["test_masks"], resize=config.resize).compile()
         compile_seconds = round(time.perf_counter() - started, 3)
         return cls(config, parallel, state, totals, num_train, num_test, steps_per_epoch,
-                   compile_seconds, compiled_train, compiled_eval, arrays, shuffle_key)
+                   compile_seconds, flops(lowered_train), compiled_train, compiled_eval,
+                   arrays, shuffle_key)
 
     def zero_totals(self) -> Totals:
         """Fresh running totals, replicated over the mesh like the state (with several

@@ -8,8 +8,8 @@ For each network, at its recipe's input size and batch size unless overridden:
 steady-state training images/sec (compilation excluded; the median of --windows
 timed windows of --steps steps each; the on-device data pipeline of gathering,
 scaling and resizing the batch included), the compile time, the FLOPs of one step
-from XLA's cost analysis and, on a GPU or TPU whose peak is known, the achieved
-fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
+(XLA's cost analysis of the step before optimization) and, on a GPU or TPU whose peak
+is known, the achieved fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
 and input size (experiments/torch_models.py) is timed in the same run: the book's
 eager loop that resizes on the CPU, and on a GPU also a tuned one (channels-last,
 bf16 autocast, torch.compile). Their timed windows alternate with JAX's, so that
@@ -119,8 +119,6 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
     run = Prepared.create(config, dataset, num_devices)
     state, totals = run.state, run.totals
     batches = run.epoch_batches(0)
-    cost = run.compiled_train.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns a list
     step = run.train_step
     if steps_per_dispatch > 1:
         # The data are arguments, not closed over: a jitted function bakes closed-over
@@ -155,7 +153,7 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
         return calls * steps_per_dispatch * config.batch_size / (time.perf_counter() - started)
 
     info = {"compile_s": run.compile_seconds,
-            "flops_per_step": float(cost.get("flops", 0.0)) if cost else 0.0,
+            "flops_per_step": run.train_flops,
             "device": describe_device(), "device_count": run.parallel.num_devices,
             "jax_version": jax.__version__}
     return window, info

@@ -3,6 +3,7 @@ exact resume, and the CLI end to end on real Fashion-MNIST (small subsets)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -18,10 +19,10 @@ import optax
 import pytest
 
 from cnnjax import config as recipes
-from cnnjax import data, models
+from cnnjax import data, models, steps
 from cnnjax.config import TrainConfig
 from cnnjax.steps import create_train_state, evaluate, learning_rate, train_step, zero_totals
-from cnnjax.train import book_summary, train_and_evaluate
+from cnnjax.train import Prepared, book_summary, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,6 +180,23 @@ def test_modern_recipe_learns_and_resumes_exactly(small_data, tmp_path):
     keys = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
            [{k: e[k] for k in keys} for e in straight["epochs"]]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_train_flops_count_the_networks_training_work(backend, monkeypatch):
+    """The bench's FLOPs (and MFU) come from `Prepared.train_flops`: about 3x the
+    forward pass (forward, input and kernel gradients; the first layer needs no input
+    gradient), whichever layers the backend gets. A GPU's compiled program would count
+    almost none: its convolutions are cuDNN calls."""
+    monkeypatch.setattr("cnnjax.train.build_model",
+                        functools.partial(steps.build_model, backend=backend))
+    batch = 16
+    run = Prepared.create(TrainConfig(arch="lenet", resize=28, batch_size=batch),
+                          synthetic(64, 16))
+    # LeNet (§6.6) at 28x28: conv 6@5x5 pad 2, conv 16@5x5 on 14x14, dense 400-120-84-10.
+    forward = 2 * (28 * 28 * 6 * 25 + 10 * 10 * 16 * 25 * 6 + 400 * 120 + 120 * 84 + 84 * 10)
+    first_input_grad = 2 * 28 * 28 * 6 * 25
+    assert run.train_flops == pytest.approx(batch * (3 * forward - first_input_grad), rel=0.05)
 
 
 def test_book_summary_lines():
