@@ -19,8 +19,10 @@ At the deadline every process still running gets SIGTERM: it saves a checkpoint 
 stops, and a second call (same --work) continues it; finished rows are kept. Runs are
 trained in --work (default runs/accelerator; checkpoints live there), and after each
 process ends everything but the checkpoints is copied to --out, so a call cut short
-still returns what finished: --out/<device-kind>/ (REPORT.md, summary.json,
-test_acc.png, one directory per run), --out/bench.jsonl and --out/logs/.
+still returns what finished: --out/results/<device-kind>/ (REPORT.md, summary.json,
+test_acc.png, one directory per run), --out/bench.jsonl, --out/logs/ and
+--out/call.json, and all of them again in one file, --out/call.tar.gz, for copying
+back from a machine that returns only a few files.
 
 The accelerator machines may have JAX and PyTorch but neither TensorFlow nor TFDS nor
 a network: --carry DIR (default .gpu when it exists) brings TFDS as wheels (DIR/whl,
@@ -39,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -176,15 +179,25 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float, env: dict, logs: P
         print(f"{job.name}: {job.outcome}", flush=True)
 
 
+EXPORTED = ("results", "logs", "bench.jsonl", "call.json")
+
+
 def export(work: Path, out: Path) -> None:
-    """Copy everything in `work` but checkpoints and installed wheels to `out`."""
-    for name in ("results", "logs", "bench.jsonl", "call.json"):
+    """Copy everything in `work` but checkpoints and installed wheels to `out`, and
+    pack the copies into out/call.tar.gz (replaced whole, never left half-written)."""
+    for name in EXPORTED:
         source = work / name
         if source.is_dir():
             shutil.copytree(source, out / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("checkpoints"))
         elif source.is_file():
             shutil.copy2(source, out / name)
+    partial = out / "call.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        for name in EXPORTED:
+            if (out / name).exists():
+                tar.add(out / name, arcname=name)
+    partial.replace(out / "call.tar.gz")
 
 
 def install_carried_wheels(carry: Path, work: Path) -> str | None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def test_dry_run_goes_through_every_stage_and_a_second_call_keeps_it(fashion_mni
     bench = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert sorted(row["dtype"] for row in bench if "jax_img_per_s" in row) == [
         "bfloat16", "float32"]
+    with tarfile.open(out / "call.tar.gz") as tar:  # everything again, in one file
+        packed = set(tar.getnames())
+    assert {"call.json", "bench.jsonl", "results/cpu/REPORT.md",
+            "results/cpu/lenet_bn_scratch-quick/curves.png"} <= packed
+    assert not any("checkpoints" in name for name in packed)
 
     proc = call(*args, "--stages", "rows")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
