@@ -9,11 +9,11 @@ steady-state training images/sec (compilation excluded; the median of --windows
 timed windows of --steps steps each; the on-device data pipeline of gathering,
 scaling and resizing the batch included), the compile time, the FLOPs of one step
 (XLA's cost analysis of the step before optimization) and, on a GPU or TPU whose peak
-is known, the achieved fraction of it (MFU). With --torch, the PyTorch version of the same network, recipe
-and input size (experiments/torch_models.py) is timed in the same run: the book's
-eager loop that resizes on the CPU, and on a GPU also a tuned one (channels-last,
-bf16 autocast, torch.compile). Their timed windows alternate with JAX's, so that
-a machine whose speed drifts slows both alike.
+is known, the achieved fraction of it (MFU). With --torch, the PyTorch version of the
+same network, recipe and input size (experiments/torch_models.py) is timed in the
+same run: the book's eager loop that resizes on the CPU, and on a GPU also a tuned
+one (channels-last, bf16 autocast, torch.compile). Their timed windows alternate with
+JAX's, so that a machine whose speed drifts slows both alike.
 
 Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
 torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
