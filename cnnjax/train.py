@@ -65,11 +65,17 @@ def describe_device() -> str:
     return f"{device.platform} ({device.device_kind})"
 
 
-def flops(lowered) -> float:
-    """The FLOPs of a lowered (not yet compiled) computation, as XLA's cost analysis
-    counts them. Counted before XLA optimizes the program: after it, a GPU's
-    convolutions are calls into cuDNN, which the analysis does not count."""
-    cost = lowered.cost_analysis()
+def flops(jitted, *args, **static) -> float:
+    """The FLOPs of `jitted(*args, **static)` as XLA's cost analysis counts them in the
+    lowered, not yet optimized, program: after optimization a GPU's convolutions are
+    cuDNN calls, which the analysis does not count. GPUs and TPUs (behind PJRT's C API)
+    analyse no lowered program, so there the same program is lowered for the CPU,
+    from the arguments' shapes alone, and counted there."""
+    cost = jitted.lower(*args, **static).cost_analysis()
+    if cost is None:
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+        with jax.default_device(jax.devices("cpu")[0]):
+            cost = jitted.lower(*shapes, **static).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns a list
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
@@ -170,16 +176,17 @@ class Prepared:
         started = time.perf_counter()
         batches = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32,
                                        sharding=parallel.batch_sharding(2, 1))
-        lowered_train = train_step.lower(
-            state, totals, arrays["train_images"], arrays["train_labels"], batches,
-            arrays["rng_key"], resize=config.resize, augment=config.augment)
-        compiled_train = lowered_train.compile()
+        train_args = (state, totals, arrays["train_images"], arrays["train_labels"], batches,
+                      arrays["rng_key"])
+        train_static = dict(resize=config.resize, augment=config.augment)
+        compiled_train = train_step.lower(*train_args, **train_static).compile()
         compiled_eval = evaluate.lower(
             state, arrays["test_images"], arrays["test_labels"], arrays["test_batches"],
             arrays["test_masks"], resize=config.resize).compile()
         compile_seconds = round(time.perf_counter() - started, 3)
         return cls(config, parallel, state, totals, num_train, num_test, steps_per_epoch,
-                   compile_seconds, flops(lowered_train), compiled_train, compiled_eval,
+                   compile_seconds, flops(train_step, *train_args, **train_static),
+                   compiled_train, compiled_eval,
                    arrays, shuffle_key)
 
     def zero_totals(self) -> Totals:
