@@ -6,13 +6,14 @@
     python -m experiments.reproduce --archs resnet18 --recipe classic modern
 
 Each run goes into its own directory under results/<device-kind>/, named
-<arch>[-modern][-quick]. REPORT.md is then rebuilt from every run there, this
+<arch>[-modern][-<N>ep|-quick]. REPORT.md is then rebuilt from every run there, this
 invocation's and earlier ones': per run the recipe and settings, the reference loss,
 train acc, test acc and examples/sec (cnnjax/d2l_reference.json: the book's PyTorch
 code as run by the study notes cnnjax follows), ours, and the difference in test
 accuracy; one figure with every run's test-accuracy curve
 (test_acc.png); summary.json; the device, dates and commands. Every row says whether
-it is the full recipe or a quick version. A run whose loss diverges is reported as
+it is the full recipe, the full recipe trained
+for more epochs (--epochs N, on all the data: "longer", named -<N>ep) or a quick version. A run whose loss diverges is reported as
 such, and the command exits with 3.
 
 --recipe modern (beyond the book): momentum 0.9, weight decay 5e-4, a cosine
@@ -25,15 +26,18 @@ rows show that the pipeline runs, not the reference accuracy (see QUICK_CAVEAT).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from cnnjax import config, models, reference
-from cnnjax.config import TrainConfig
+from cnnjax.config import TrainConfig, recipe_settings
 from cnnjax.plots import new_figure, save_figure
 from cnnjax.train import examples_per_sec
 from experiments.cli import UsageError
 from experiments.sweep import Run, RunRecord, Sweep, header, subset, write_summary
+
+KINDS = ("full", "longer", "quick")  # of a run, in the report's order
 
 # The reference table's networks, in its order, then the two LeNets it leaves out.
 ARCHS = ("alexnet", "vgg11", "nin", "googlenet", "lenet_bn_scratch", "resnet18", "densenet",
@@ -48,9 +52,19 @@ QUICK_CAVEAT = (
     "So the test accuracy can be far below the train accuracy.")
 
 
+def kind(config: TrainConfig) -> str:
+    """full: exactly the recipe; longer: the recipe, on all the data, for more epochs;
+    quick: anything else."""
+    if config.is_full_recipe():
+        return "full"
+    epochs = recipe_settings(config.arch, config.recipe)["epochs"]
+    as_recipe = dataclasses.replace(config, epochs=epochs)
+    return "longer" if config.epochs > epochs and as_recipe.is_full_recipe() else "quick"
+
+
 def run_name(config: TrainConfig) -> str:
-    return (config.arch + ("-modern" if config.recipe == "modern" else "")
-            + ("" if config.is_full_recipe() else "-quick"))
+    suffix = {"full": "", "longer": f"-{config.epochs}ep", "quick": "-quick"}[kind(config)]
+    return config.arch + ("-modern" if config.recipe == "modern" else "") + suffix
 
 
 def settings(config: TrainConfig) -> str:
@@ -98,12 +112,15 @@ class Reproduce(Sweep):
         order = models.list_models()
         runs = sorted((r for r in runs if r.config.arch in order),
                       key=lambda r: (order.index(r.config.arch), r.config.recipe != "classic",
-                                     not r.config.is_full_recipe()))
-        full = [r.name for r in runs if r.config.is_full_recipe()]
-        quick = [r.name for r in runs if not r.config.is_full_recipe()]
+                                     KINDS.index(kind(r.config)), r.config.epochs))
+        full = [r.name for r in runs if kind(r.config) == "full"]
+        longer = [r.name for r in runs if kind(r.config) == "longer"]
+        quick = [r.name for r in runs if kind(r.config) == "quick"]
         lines = header("Reproducing the reference results", runs)
         if full:
             lines.append(f"- full recipe: {', '.join(full)}")
+        if longer:
+            lines.append(f"- longer (the full recipe for more epochs): {', '.join(longer)}")
         if quick:
             lines.append(f"- **quick** (not the full recipe; settings in each row): "
                          f"{', '.join(quick)}")
@@ -126,8 +143,8 @@ class Reproduce(Sweep):
                         f"{last['test_acc']:.3f} / {examples_per_sec(run.metrics):,.0f}")
                 diff = ("-" if ref is None
                         else f"{100 * (last['test_acc'] - ref['test_acc']):+.1f}")
-            kind = "full" if run.config.is_full_recipe() else "**quick**"
-            lines.append(f"| [`{run.config.arch}`]({run.name}/) | {run.config.recipe} | {kind} "
+            marked = {"quick": "**quick**"}.get(kind(run.config), kind(run.config))
+            lines.append(f"| [`{run.config.arch}`]({run.name}/) | {run.config.recipe} | {marked} "
                          f"| {settings(run.config)} | {theirs} | {ours} | {diff} |")
         lines += ["", "The reference runs the book's PyTorch code (cnnjax/d2l_reference.json); "
                       "its examples/sec were measured on CUDA GPUs it does not name, ours on "
@@ -141,7 +158,8 @@ class Reproduce(Sweep):
         plot_test_accuracy(runs, out / "test_acc.png")
         write_summary(out / "summary.json", [
             {"run": r.name, "config": r.config.to_dict(),
-             "full_recipe": r.config.is_full_recipe(), "diverged": r.diverged,
+             "full_recipe": r.config.is_full_recipe(), "kind": kind(r.config),
+             "diverged": r.diverged,
              "final": r.epochs[-1] if r.epochs else None, "reference": reference.result(r.config.arch),
              "date": r.date, "command": r.info.get("command")} for r in runs])
 
@@ -150,7 +168,8 @@ def plot_test_accuracy(runs: list[RunRecord], path: Path) -> None:
     fig, ax = new_figure(figsize=(7, 4.5))
     for run in runs:
         label = (run.config.arch + (", modern" if run.config.recipe == "modern" else "")
-                 + ("" if run.config.is_full_recipe() else " (quick)"))
+                 + {"full": "", "longer": f" ({run.config.epochs} ep)",
+                    "quick": " (quick)"}[kind(run.config)])
         ax.plot([e["epoch"] for e in run.epochs], [e["test_acc"] for e in run.epochs],
                 "--o" if run.config.recipe == "modern" else "-o", ms=3, label=label)
     ax.set(xlabel="epoch", ylabel="test accuracy")

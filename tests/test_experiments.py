@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cnnjax.config import TrainConfig
 from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,19 @@ def test_bench_rejects_bad_input():
     assert "unknown --arch resnet50" in proc.stderr
     proc = run_main("experiments.bench", "--arch", "alexnet", "--resize", "28")
     assert proc.returncode == 2 and "too small for alexnet" in proc.stderr
+
+
+def test_reproduce_names_a_longer_run_apart_from_full_and_quick_ones():
+    """A recipe trained for more epochs on all the data is neither the full recipe
+    (its row would claim the book's settings) nor a quick look (it learns more)."""
+    recipe = TrainConfig.from_recipe("resnet18", "modern")
+    names = {changes: reproduce.run_name(dataclasses.replace(recipe, **dict(changes)))
+             for changes in [(), (("epochs", 20),), (("epochs", 5),),
+                             (("epochs", 20), ("max_train", 512)), (("epochs", 20), ("lr", 0.2))]}
+    assert list(names.values()) == ["resnet18-modern", "resnet18-modern-20ep",
+                                    "resnet18-modern-quick", "resnet18-modern-quick",
+                                    "resnet18-modern-quick"]
+    assert reproduce.kind(dataclasses.replace(recipe, epochs=20)) == "longer"
 
 
 def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_path):
