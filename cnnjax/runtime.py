@@ -15,6 +15,7 @@ that JAX does not use (JAX's CPU build installed: `pip install -e ".[cuda]"`).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -66,11 +67,42 @@ def cpu_threads(flags: str, env_nproc: str | None) -> str | None:
     return str(2 * int(simulated.group(1)) + (os.cpu_count() or 1))
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                    "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a program frees for its next allocations;
+    returns whether it did (Linux with glibc, and no malloc settings in the
+    environment: the user's choice wins).
+
+    XLA:CPU allocates a step's large buffers anew on every execution, some on its
+    worker threads. By default glibc hands blocks over 32 MB (at most) straight from
+    the kernel and gives them back on free, and a worker thread's arena gets any
+    block over 64 MB the same way, so on every step the kernel maps, faults and
+    zeroes fresh pages (docs/performance.md has the measurements). Here every thread
+    allocates from the main heap (one arena), which then serves large blocks too
+    and keeps what is freed.
+    """
+    if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_VARIABLES):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, for one)
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
 def configure() -> None:
     """Prepare JAX for training with cnnjax; call before anything runs in JAX.
 
     - Turn XLA:CPU's YNNPACK fusions off (`xla_flags`).
     - With simulated CPU devices, size XLA's CPU thread pool for them (`cpu_threads`).
+    - Have glibc's malloc keep freed memory for the next step (`keep_freed_memory`).
     - In a cluster (`in_cluster()`), join it with `jax.distributed.initialize()`,
       which finds the coordinator, process count and id in the environment (SLURM,
       Open MPI, Cloud TPU), or in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -83,6 +115,7 @@ def configure() -> None:
     threads = cpu_threads(flags, env.get("NPROC"))
     if threads:
         env["NPROC"] = threads
+    keep_freed_memory()
     if in_cluster() and not jax.distributed.is_initialized():
         counts = {key: int(env[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
                                                          ("process_id", "JAX_PROCESS_ID"))

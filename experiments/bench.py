@@ -11,9 +11,11 @@ scaling and resizing the batch included), the compile time, the FLOPs of one ste
 (XLA's cost analysis of the step before optimization) and, on a GPU or TPU whose peak
 is known, the achieved fraction of it (MFU). With --torch, the PyTorch version of the
 same network, recipe and input size (experiments/torch_models.py) is timed in the
-same run: the book's eager loop that resizes on the CPU, and on a GPU also a tuned
-one (channels-last, bf16 autocast, torch.compile). Their timed windows alternate with
-JAX's, so that a machine whose speed drifts slows both alike.
+same run, in a child process of its own (so that it runs as its users run it, not
+with the settings `cnnjax.runtime.configure()` gives this process): the book's eager
+loop that resizes on the CPU, and on a GPU also a tuned one (channels-last, bf16
+autocast, torch.compile). Their timed windows alternate with JAX's, so that a
+machine whose speed drifts slows both alike.
 
 Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
 torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
@@ -22,8 +24,10 @@ also appends the lines to FILE.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -159,20 +163,58 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
     return window, info
 
 
-def torch_timers(config, dataset, flavours: list[str]) -> dict[str, tuple]:
+def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitStack
+                 ) -> dict[str, tuple]:
     """PyTorch's timers (`torch_models.training_timer`) for `flavours` ([] means book,
-    and tuned on a GPU), keyed "torch" (book) and "torch_tuned"."""
+    and tuned on a GPU), keyed "torch" (book) and "torch_tuned", as (window, info)
+    like `jax_timer`'s. They run in a child process (`torch_models.serve_timers`),
+    which `stack` ends; each window is one request to it through a pipe."""
     import torch
 
     from experiments import torch_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    flavours = flavours or ["book"] + (["tuned"] if device == "cuda" else [])
-    common = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
-                  device=device, images=dataset.train_images, labels=dataset.train_labels)
+    flavours = [f for f in ("book", "tuned")
+                if f in (flavours or ["book"] + (["tuned"] if device == "cuda" else []))]
+    settings = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
+                    device=device, images=dataset.train_images, labels=dataset.train_labels)
+    spawn = multiprocessing.get_context("spawn")  # a fresh process, not a copy of this one
+    conn, child_conn = spawn.Pipe()
+    child = spawn.Process(target=torch_models.serve_timers, daemon=True,
+                          args=(child_conn, config.arch, flavours), kwargs=settings)
+    child.start()
+    child_conn.close()
+    stack.callback(_stop_child, child, conn)
+
+    def reply():
+        try:
+            status, value = conn.recv()
+        except EOFError:
+            child.join(5)
+            raise RuntimeError(f"PyTorch's timing process ended (exit code "
+                               f"{child.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"PyTorch's timing process failed:\n{value}")
+        return value
+
+    def window_of(flavour: str) -> Callable[[int], float]:
+        def window(steps: int) -> float:
+            conn.send((flavour, steps))
+            return reply()
+        return window
+
+    infos = reply()
     names = {"book": "torch", "tuned": "torch_tuned"}
-    return {names[f]: torch_models.training_timer(config.arch, flavour=f, **common)
-            for f in ("book", "tuned") if f in flavours}
+    return {names[f]: (window_of(f), infos[f]) for f in flavours}
+
+
+def _stop_child(child, conn) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(None)
+    conn.close()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
 
 
 def time_interleaved(windows: dict[str, Callable[[int], float]], rounds: int,
@@ -195,10 +237,12 @@ def measure(config, dataset, num_devices: int | None, windows: int, steps: int,
     """One bench row's measurements for `config`: JAX's images/sec (the median of
     `windows` windows of `steps` steps) with its compile time, FLOPs and MFU, and
     with `torch_flavours` (not None) PyTorch's, their windows interleaved."""
-    timers = {"jax": jax_timer(config, dataset, num_devices, steps_per_dispatch)}
-    if torch_flavours is not None:
-        timers.update(torch_timers(config, dataset, torch_flavours))
-    rates = time_interleaved({name: w for name, (w, _) in timers.items()}, windows, steps)
+    with contextlib.ExitStack() as stack:
+        timers = {"jax": jax_timer(config, dataset, num_devices, steps_per_dispatch)}
+        if torch_flavours is not None:
+            timers.update(torch_timers(config, dataset, torch_flavours, stack))
+        rates = time_interleaved({name: w for name, (w, _) in timers.items()}, windows,
+                                 steps)
     info = timers["jax"][1]
     img_per_s = statistics.median(rates["jax"])
     row = {"jax_img_per_s": round(img_per_s, 1),

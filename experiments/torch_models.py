@@ -11,8 +11,9 @@ Weights start Xavier-uniform, as the book's `train_ch6` initialises them.
 training loop (`train_ch6`: SGD, cross-entropy, resizing on the CPU inside the
 loop), either eagerly as the book writes it ("book") or with the usual PyTorch
 speed-ups ("tuned": channels-last, bfloat16 autocast, `torch.compile`, resizing
-on the device). Only `experiments/bench.py`
-uses this module; it needs PyTorch (no torchvision).
+on the device). `serve_timers` runs such timers in a process of their own, as the
+bench does. Only `experiments/bench.py` uses this module; it needs PyTorch (no
+torchvision).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -29,7 +31,7 @@ from torch.nn import functional as F
 
 from cnnjax.config import recipe_settings
 
-__all__ = ["build", "count_params", "time_training", "training_timer"]
+__all__ = ["build", "count_params", "serve_timers", "time_training", "training_timer"]
 
 def _out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """Output length of a conv or pool along one axis (d2l §6.3)."""
@@ -558,3 +560,21 @@ def time_training(arch: str, *, windows: int = 5, steps_per_window: int = 10,
     window, info = training_timer(arch, **settings)
     rates = [window(steps_per_window) for _ in range(windows)]
     return {"img_per_s": statistics.median(rates), "window_img_per_s": rates, **info}
+
+
+def serve_timers(conn, arch: str, flavours: list[str], **settings) -> None:
+    """Serve `training_timer(arch, flavour=f, **settings)` for each f of `flavours`
+    over the pipe end `conn`, the body of a process of their own: first replies with
+    {flavour: info}, then answers each request (flavour, steps) with that window's
+    images per second, until the request None. A failure is replied as
+    ("error", its traceback) and ends the process; every other reply is ("ok", value)."""
+    try:
+        timers = {f: training_timer(arch, flavour=f, **settings) for f in flavours}
+        conn.send(("ok", {f: info for f, (_, info) in timers.items()}))
+        while (request := conn.recv()) is not None:
+            flavour, steps = request
+            conn.send(("ok", timers[flavour][0](steps)))
+    except Exception:  # noqa: BLE001 -- reported to the parent, which fails with it.
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()

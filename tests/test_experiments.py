@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -67,6 +68,7 @@ def test_bench_times_pytorch_beside_jax(fashion_mnist_dir):
     assert row["ratio"] == pytest.approx(row["jax_img_per_s"] / row["torch_img_per_s"],
                                          rel=1e-2)
     assert row["torch_threads"] >= 1 and "| lenet | 16 | 28x28 |" in proc.stdout
+    assert multiprocessing.active_children() == []  # PyTorch's timing process has ended
 
 
 def test_bench_alternates_the_timed_windows():

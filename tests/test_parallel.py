@@ -243,3 +243,50 @@ def test_import_changes_nothing_and_configure_sets_the_flags():
 
     expected = runtime.xla_flags("", jax.__version_info__) or "None"
     assert out.stdout.splitlines() == ["True", expected, "False"]
+
+
+FAULTS_PER_STEP = """
+import resource, statistics, sys
+from cnnjax import runtime
+if sys.argv[1] == "configure":
+    runtime.configure()
+import jax, jax.numpy as jnp
+from jax import lax
+
+def loss(kernels, x):  # eight 3x3 convolutions, batch 64, 16x16x32: 8 MB activations
+    for k in kernels:
+        x = jax.nn.relu(lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return x.sum()
+
+step = jax.jit(jax.grad(loss))
+kernels, x = [jnp.full((3, 3, 32, 32), 0.01)] * 8, jnp.ones((64, 16, 16, 32))
+for _ in range(2):
+    jax.block_until_ready(step(kernels, x))
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(step(kernels, x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults))  # a step now and then still grows the heap
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_configure_keeps_freed_memory_so_steps_stop_faulting_in_fresh_pages():
+    """XLA:CPU allocates a step's large buffers anew on every execution; with glibc's
+    defaults each execution gets fresh pages from the kernel (thousands of page
+    faults), after `configure()` it reuses the memory the last one freed."""
+    env = {k: v for k, v in os.environ.items() if k not in runtime.MALLOC_VARIABLES}
+    faults = {}
+    for mode in ("default", "configure"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[mode] = float(out.stdout.split()[-1])
+    assert faults["default"] > 2000 and faults["configure"] < 200, faults
+
+
+def test_keep_freed_memory_leaves_the_users_malloc_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert runtime.keep_freed_memory() is False
