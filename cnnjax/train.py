@@ -43,11 +43,13 @@ from cnnjax.steps import (
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stopped at a step boundary and saved a checkpoint."""
+    """Ctrl-C or SIGTERM: the run stopped at a step boundary and saved a checkpoint,
+    or (`finished`) the signal came after its last step, and the run finished."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    def __init__(self, message: str, signum: int = signal.SIGINT, finished: bool = False):
         super().__init__(message)
         self.signum = signum
+        self.finished = finished
 
     @property
     def exit_code(self) -> int:
@@ -110,6 +112,12 @@ class _StopOnSignal:
         # Every process learns the signal any of them got (0: none).
         self.signum = max_over_processes(self.signum or 0) or None
         return self.signum is not None
+
+    def pending(self) -> int | None:
+        """After the loop: the signal any process got, the same on all of them."""
+        if self.processes > 1:
+            self.signum = max_over_processes(self.signum or 0) or None
+        return self.signum
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # the second signal: stop at once
@@ -398,6 +406,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
     end("finished")
     if writer and not keep_checkpoints:
         run_dir.remove_checkpoints()
+    if stop.pending():
+        # The signal came after the last step was queued: the run is finished and
+        # saved, and the caller (a sweep about to start its next run) must stop too.
+        raise Interrupted("after the last step: the run finished", stop.signum, finished=True)
     return metrics
 
 

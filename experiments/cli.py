@@ -80,8 +80,8 @@ def interrupted(prog: str, err: BaseException, then: str) -> int:
     signal's KeyboardInterrupt), ending with `then` (how to continue); its exit code."""
     if isinstance(err, Interrupted):
         name = signal.Signals(err.signum).name
-        print(f"{prog}: interrupted by {name} ({err}); checkpoint saved. {then}",
-              file=sys.stderr)
+        saved = "" if err.finished else "; checkpoint saved"
+        print(f"{prog}: interrupted by {name} ({err}){saved}. {then}", file=sys.stderr)
         return err.exit_code
     print(f"{prog}: interrupted at once, without saving; {then}", file=sys.stderr)
     return EXIT_INTERRUPTED

@@ -204,7 +204,9 @@ def train(config: TrainConfig, args, prog: str, command: str) -> int:
             config, out, data=data, resume=bool(args.resume), force=args.force,
             num_devices=args.devices, command=command, progress=progress)
     except (Interrupted, KeyboardInterrupt) as err:
-        code = interrupted(prog, err, f"Resume with: python -m experiments.run --resume {out}")
+        then = (f"Its results are in {out}." if getattr(err, "finished", False)
+                else f"Resume with: python -m experiments.run --resume {out}")
+        code = interrupted(prog, err, then)
         if isinstance(err, KeyboardInterrupt) and jax.process_count() > 1:
             # A normal exit would wait at JAX's shutdown barrier for processes that
             # are still stepping; they stop with an error once this one is gone.

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from cnnjax import config as recipes
 from cnnjax import data, models, steps
 from cnnjax.config import TrainConfig
 from cnnjax.steps import create_train_state, evaluate, learning_rate, train_step, zero_totals
-from cnnjax.train import Prepared, book_summary, train_and_evaluate
+from cnnjax.train import Interrupted, Prepared, book_summary, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,26 @@ def test_modern_recipe_learns_and_resumes_exactly(small_data, tmp_path):
     keys = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [{k: e[k] for k in keys} for e in resumed["epochs"]] == \
            [{k: e[k] for k in keys} for e in straight["epochs"]]
+
+
+def test_ctrl_c_after_the_last_step_finishes_the_run_then_stops_the_caller(small_data,
+                                                                           tmp_path):
+    """Ctrl-C once the last step is queued (here: while the last epoch is reported)
+    has no step left to stop at: the run finishes and is kept, and the caller (a
+    sweep about to start its next run) is told to stop too."""
+    out, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_at_the_end(line: str) -> None:
+        if line.startswith("epoch 1/1:"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        train_and_evaluate(TrainConfig(arch="lenet_bn", epochs=1, batch_size=256), out,
+                           data=small_data, log=ctrl_c_at_the_end, progress=False)
+    assert stopped.value.finished and stopped.value.exit_code == 130
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
