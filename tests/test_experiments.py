@@ -196,7 +196,7 @@ def test_degradation_compares_plain_and_residual(fashion_mnist_dir, tmp_path):
 
 def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist_dir, tmp_path):
     # Two runs (lr 0.3, then the book's 1.0), 2 epochs of 50 steps each; Ctrl-C comes as
-    # the second run starts its first epoch, and stops it at the next step boundary.
+    # the second run reports its first epoch, and stops it early in the second.
     args = ["--networks", "lenet_bn", "--lrs", "0.3", "--epochs", "2", "--max-train", "12800",
             "--max-test", "500", "--data-dir", fashion_mnist_dir, "--out", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -205,7 +205,7 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
     second_run = False
     for line in proc.stdout:
         second_run = second_run or line.startswith("== lenet_bn-lr1:")
-        if second_run and line.startswith("training lenet_bn"):
+        if second_run and line.startswith("epoch 1/2:"):
             proc.send_signal(signal.SIGINT)
             break
     proc.stdout.read()
@@ -213,13 +213,13 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
     assert proc.wait(timeout=300) == 130, stderr[-2000:]
     (line,) = stderr.strip().splitlines()  # one line, no traceback
     assert re.match(r"python -m experiments\.bn_ablation: interrupted by SIGINT \(stopped "
-                    r"at epoch [12], batch \d+\); checkpoint saved\. ", line), line
+                    r"at epoch 2, batch \d+\); checkpoint saved\. ", line), line
     assert line.endswith(" --continue")
     out = tmp_path / "cpu" / "bn_ablation"
     finished = (out / "lenet_bn-lr0.3" / "metrics.json").read_text()
     interrupted = json.loads((out / "lenet_bn-lr1" / "run.json").read_text())
     assert interrupted["status"] == "interrupted"
-    assert re.fullmatch(r"stopped at epoch [12], batch \d+", interrupted["reason"])
+    assert re.fullmatch(r"stopped at epoch 2, batch \d+", interrupted["reason"])
     # The report holds the finished run only.
     report = (out / "REPORT.md").read_text()
     assert "(lenet_bn-lr0.3/)" in report and "(lenet_bn-lr1/)" not in report
