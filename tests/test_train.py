@@ -184,7 +184,7 @@ def test_modern_recipe_learns_and_resumes_exactly(small_data, tmp_path):
 
 
 def test_ctrl_c_after_the_last_step_finishes_the_run_then_stops_the_caller(small_data,
-                                                                           tmp_path):
+                                                                           tmp_path, capsys):
     """Ctrl-C once the last step is queued (here: while the last epoch is reported)
     has no step left to stop at: the run finishes and is kept, and the caller (a
     sweep about to start its next run) is told to stop too."""
@@ -201,6 +201,13 @@ def test_ctrl_c_after_the_last_step_finishes_the_run_then_stops_the_caller(small
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
     assert signal.getsignal(signal.SIGINT) is handler  # restored
+    from experiments.cli import interrupted
+
+    assert interrupted("python -m experiments.run", stopped.value, f"Its results are in {out}.") \
+        == 130
+    assert capsys.readouterr().err == ("python -m experiments.run: interrupted by SIGINT (after "
+                                       f"the last step: the run finished). Its results are in "
+                                       f"{out}.\n")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
