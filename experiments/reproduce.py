@@ -12,9 +12,9 @@ train acc, test acc and examples/sec (cnnjax/d2l_reference.json: the book's PyTo
 code as run by the study notes cnnjax follows), ours, and the difference in test
 accuracy; one figure with every run's test-accuracy curve
 (test_acc.png); summary.json; the device, dates and commands. Every row says whether
-it is the full recipe, the full recipe trained
-for more epochs (--epochs N, on all the data: "longer", named -<N>ep) or a quick version. A run whose loss diverges is reported as
-such, and the command exits with 3.
+it is the full recipe, the full recipe trained for more epochs (--epochs N on all the
+data: "longer", named -<N>ep) or a quick version. A run whose loss diverges is
+reported as such, and the command exits with 3.
 
 --recipe modern (beyond the book): momentum 0.9, weight decay 5e-4, a cosine
 schedule after one epoch of warm-up, random crops and flips (cnnjax.config).
