@@ -123,8 +123,9 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
     run = Prepared.create(config, dataset, num_devices)
     state, totals = run.state, run.totals
     batches = run.epoch_batches(0)
-    step = run.train_step
-    if steps_per_dispatch > 1:
+    if steps_per_dispatch == 1:
+        step = run.train_step
+    else:
         # The data are arguments, not closed over: a jitted function bakes closed-over
         # arrays into the program as constants.
         @functools.partial(jax.jit, donate_argnums=(0, 1))

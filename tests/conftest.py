@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 # Many tests compile the same small programs, in this process and in the command-line
@@ -20,6 +21,40 @@ import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from cnnjax import data, runtime  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m module args...`, sending itself `sig` during its `at`-th training step: a
+# signal at a known step on any machine (one sent from outside lands wherever the run
+# has got to by then, and a fast machine may have queued a whole epoch).
+SIGNAL_AT_STEP = textwrap.dedent("""
+    import os, runpy, sys
+    from cnnjax import train
+
+    sig, at, module = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    train_step, calls = train.Prepared.train_step, [0]
+
+    def signalling_train_step(self, *args):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), sig)
+        return train_step(self, *args)
+
+    train.Prepared.train_step = signalling_train_step
+    sys.argv = [module, *sys.argv[4:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+""")
+
+
+def run_signalled(module: str, args: list[str], sig: int, at_step: int
+                  ) -> subprocess.CompletedProcess:
+    """`python -m module *args`, sent `sig` during its `at_step`-th training step
+    (counted from 1 over all the runs it trains)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(int(sig)), str(at_step),
+                           module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
 
 DEBIAN_FILES = (
     "train-images-idx3-ubyte.gz",

@@ -9,13 +9,13 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_signalled
 
 from cnnjax.config import TrainConfig
 from experiments import reproduce
@@ -195,31 +195,21 @@ def test_degradation_compares_plain_and_residual(fashion_mnist_dir, tmp_path):
 
 
 def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist_dir, tmp_path):
-    # Two runs (lr 0.3, then the book's 1.0), 2 epochs of 50 steps each; Ctrl-C comes as
-    # the second run reports its first epoch, and stops it early in the second.
+    # Two runs (lr 0.3, then the book's 1.0), 2 epochs of 50 steps each; Ctrl-C comes
+    # during batch 10 of the second run's second epoch (its 161st step).
     args = ["--networks", "lenet_bn", "--lrs", "0.3", "--epochs", "2", "--max-train", "12800",
             "--max-test", "500", "--data-dir", fashion_mnist_dir, "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.bn_ablation", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second_run = False
-    for line in proc.stdout:
-        second_run = second_run or line.startswith("== lenet_bn-lr1:")
-        if second_run and line.startswith("epoch 1/2:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    proc.stdout.read()
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=300) == 130, stderr[-2000:]
-    (line,) = stderr.strip().splitlines()  # one line, no traceback
-    assert re.match(r"python -m experiments\.bn_ablation: interrupted by SIGINT \(stopped "
-                    r"at epoch 2, batch \d+\); checkpoint saved\. ", line), line
+    proc = run_signalled("experiments.bn_ablation", args, signal.SIGINT, 2 * 50 + 50 + 11)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("python -m experiments.bn_ablation: interrupted by SIGINT (stopped "
+                           "at epoch 2, batch 11); checkpoint saved. "), line
     assert line.endswith(" --continue")
     out = tmp_path / "cpu" / "bn_ablation"
     finished = (out / "lenet_bn-lr0.3" / "metrics.json").read_text()
     interrupted = json.loads((out / "lenet_bn-lr1" / "run.json").read_text())
     assert interrupted["status"] == "interrupted"
-    assert re.fullmatch(r"stopped at epoch 2, batch \d+", interrupted["reason"])
+    assert interrupted["reason"] == "stopped at epoch 2, batch 11"
     # The report holds the finished run only.
     report = (out / "REPORT.md").read_text()
     assert "(lenet_bn-lr0.3/)" in report and "(lenet_bn-lr1/)" not in report

@@ -12,14 +12,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from conftest import run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m experiments.run"
-# 100 steps per epoch: long enough (a second or more) for a signal to land inside epoch 2.
+# 2 epochs of 100 steps.
 SETTINGS = ("--arch", "lenet_bn", "--epochs", "2", "--batch-size", "128", "--max-train",
             "12800", "--max-test", "500", "--seed", "5", "--no-progress")
 STEPS_PER_EPOCH = 12800 // 128
@@ -30,24 +30,6 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def run_and_signal(args: list[str], sig: int, after_line: str, delay: float, log: Path
-                   ) -> tuple[int, str]:
-    """Start the CLI, send `sig` `delay` seconds after it prints a line starting with
-    `after_line`, and return its exit code and stderr."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        for line in proc.stdout:
-            if line.startswith(after_line):
-                time.sleep(delay)
-                proc.send_signal(sig)
-                break
-        proc.stdout.read()
-        code = proc.wait(timeout=300)
-    return code, log.read_text()
 
 
 def final_numbers(out: Path) -> list[dict]:
@@ -70,9 +52,9 @@ def uninterrupted(fashion_mnist_dir, tmp_path_factory) -> Path:
 def test_kill_9_mid_epoch_then_resume_gives_the_same_numbers(uninterrupted, fashion_mnist_dir,
                                                              tmp_path):
     out = tmp_path / "killed"
-    code, _ = run_and_signal([*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)],
-                             signal.SIGKILL, "epoch 1/2:", 0.5, tmp_path / "stderr.txt")
-    assert code == -signal.SIGKILL
+    args = [*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)]
+    proc = run_signalled("experiments.run", args, signal.SIGKILL, STEPS_PER_EPOCH + 30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     # The kill landed inside epoch 2: only epoch 1 reached metrics.json and a checkpoint.
     assert len(final_numbers(out)) == 1
     assert checkpoint_steps(out)[-1] == STEPS_PER_EPOCH
@@ -88,20 +70,20 @@ def test_sigterm_saves_mid_epoch_exits_143_and_resumes_exactly(uninterrupted, fa
     # SIGTERM is what Colab, preemptible VMs, SLURM and Kubernetes send; it is handled
     # as Ctrl-C is (which the cluster and experiment tests send).
     out = tmp_path / "terminated"
-    code, stderr = run_and_signal([*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)],
-                                  signal.SIGTERM, "epoch 1/2:", 0.5, tmp_path / "stderr.txt")
-    assert code == 143, stderr[-2000:]
-    assert "Traceback" not in stderr
-    (line,) = [l for l in stderr.splitlines() if l.startswith(f"{PROG}: interrupted")]
-    assert line.startswith(f"{PROG}: interrupted by SIGTERM (stopped at epoch 2, batch ")
-    assert f"Resume with: {PROG} --resume {out}" in line
-    saved = checkpoint_steps(out)[-1]
-    assert STEPS_PER_EPOCH < saved < 2 * STEPS_PER_EPOCH  # a mid-epoch checkpoint
+    args = [*SETTINGS, "--data-dir", fashion_mnist_dir, "--out", str(out)]
+    proc = run_signalled("experiments.run", args, signal.SIGTERM, STEPS_PER_EPOCH + 30)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith(f"{PROG}: interrupted")]
+    # The signal came during batch 29 of epoch 2 (from 0): the run stops before batch 30.
+    assert line == (f"{PROG}: interrupted by SIGTERM (stopped at epoch 2, batch 30); "
+                    f"checkpoint saved. Resume with: {PROG} --resume {out}")
+    assert checkpoint_steps(out)[-1] == STEPS_PER_EPOCH + 30  # a mid-epoch checkpoint
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
     proc = cli("--resume", str(out), "--data-dir", fashion_mnist_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"at epoch 2, batch {saved - STEPS_PER_EPOCH}" in proc.stdout
+    assert f"resumed from {out} at epoch 2, batch 30" in proc.stdout
     assert final_numbers(out) == final_numbers(uninterrupted)
 
 
