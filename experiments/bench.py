@@ -19,15 +19,18 @@ machine whose speed drifts slows both alike.
 
 Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
 torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
-also appends the lines to FILE.
+also appends the lines to FILE. Ctrl-C or SIGTERM stops it with one line (exit 130
+or 143); the rows measured before it stay in FILE.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -169,23 +172,17 @@ def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitSta
     """PyTorch's timers (`torch_models.training_timer`) for `flavours` ([] means book,
     and tuned on a GPU), keyed "torch" (book) and "torch_tuned", as (window, info)
     like `jax_timer`'s. They run in a child process (`torch_models.serve_timers`),
-    which `stack` ends; each window is one request to it through a pipe."""
-    import torch
-
-    from experiments import torch_models
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    flavours = [f for f in ("book", "tuned")
-                if f in (flavours or ["book"] + (["tuned"] if device == "cuda" else []))]
+    which `stack` ends; each window is one request to it through a pipe. PyTorch is
+    imported there only."""
     settings = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
-                    device=device, images=dataset.train_images, labels=dataset.train_labels)
+                    images=dataset.train_images, labels=dataset.train_labels)
     spawn = multiprocessing.get_context("spawn")  # a fresh process, not a copy of this one
     conn, child_conn = spawn.Pipe()
-    child = spawn.Process(target=torch_models.serve_timers, daemon=True,
+    child = spawn.Process(target=_serve_torch_timers, daemon=True,
                           args=(child_conn, config.arch, flavours), kwargs=settings)
     child.start()
     child_conn.close()
-    stack.callback(_stop_child, child, conn)
+    stack.push(_stopper(child, conn))
 
     def reply():
         try:
@@ -206,16 +203,38 @@ def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitSta
 
     infos = reply()
     names = {"book": "torch", "tuned": "torch_tuned"}
-    return {names[f]: (window_of(f), infos[f]) for f in flavours}
+    return {names[f]: (window_of(f), info) for f, info in infos.items()}
 
 
-def _stop_child(child, conn) -> None:
-    with contextlib.suppress(OSError):
-        conn.send(None)
-    conn.close()
-    child.join(30)
-    if child.is_alive():
-        child.kill()
+def _serve_torch_timers(*args, **kwargs) -> None:
+    """The body of PyTorch's timing process: `torch_models.serve_timers`."""
+    from experiments import torch_models
+
+    torch_models.serve_timers(*args, **kwargs)
+
+
+def _stopper(child, conn) -> Callable:
+    """The exit callback that ends the timing process `child`: asked to stop when
+    the bench goes on, killed at once when it stops on an error or a signal."""
+    def stop(exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        conn.close()
+        return False
+    return stop
+
+
+class Terminated(Exception):
+    """SIGTERM (what Colab, a cloud VM or `experiments.accelerator` sends to stop it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def time_interleaved(windows: dict[str, Callable[[int], float]], rounds: int,
@@ -293,6 +312,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_row(config: TrainConfig, dataset, source: str, args) -> dict:
+    """Measure `config` (`measure`), print its JSON line and append it to --jsonl."""
+    row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
+           "dtype": config.dtype, "data": source, "date": time.strftime("%Y-%m-%d")}
+    row.update(measure(config, dataset, args.devices, args.windows, args.steps,
+                       args.steps_per_dispatch, args.torch))
+    if args.steps_per_dispatch > 1:
+        row["steps_per_dispatch"] = args.steps_per_dispatch
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -303,11 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UsageError(f"unknown --arch {', '.join(unknown)}; valid names: "
                              + ", ".join(models.list_models()))
-        if args.torch is not None:
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                raise UsageError("--torch needs PyTorch: pip install torch") from None
+        if args.torch is not None and importlib.util.find_spec("torch") is None:
+            raise UsageError("--torch needs PyTorch: pip install torch")
         runtime.configure()
 
         configs = []
@@ -326,20 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         print("no Fashion-MNIST found: timing on random images of the same shape",
               file=sys.stderr)
     rows = []
-    for config in configs:
-        row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
-               "dtype": config.dtype, "data": source,
-               "date": time.strftime("%Y-%m-%d")}
-        row.update(measure(config, dataset, args.devices, args.windows, args.steps,
-                           args.steps_per_dispatch, args.torch))
-        if args.steps_per_dispatch > 1:
-            row["steps_per_dispatch"] = args.steps_per_dispatch
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(line + "\n")
-        rows.append(row)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for config in configs:
+            rows.append(bench_row(config, dataset, source, args))
+    except (KeyboardInterrupt, Terminated) as err:
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        kept = f"; the rows measured before it are in {args.jsonl}" if rows and args.jsonl else ""
+        print(f"{prog}: interrupted by {signum.name} while timing {config.arch}{kept}",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(markdown_table(rows))
     return 0

@@ -19,6 +19,7 @@ torchvision).
 from __future__ import annotations
 
 import contextlib
+import signal
 import statistics
 import time
 import traceback
@@ -539,7 +540,7 @@ def training_timer(arch: str, *, batch_size: int, resize: int, lr: float,
     _synchronize(dev, loss)
 
     info = {"flavour": flavour, "compiled": compiled, "threads": torch.get_num_threads(),
-            "device": str(dev), "torch_version": torch.__version__,
+            "device": str(dev), "torch_version": str(torch.__version__),
             "warmup_seconds": time.perf_counter() - start, "final_loss": float("nan")}
 
     def window(steps: int) -> float:
@@ -563,17 +564,26 @@ def time_training(arch: str, *, windows: int = 5, steps_per_window: int = 10,
 
 
 def serve_timers(conn, arch: str, flavours: list[str], **settings) -> None:
-    """Serve `training_timer(arch, flavour=f, **settings)` for each f of `flavours`
-    over the pipe end `conn`, the body of a process of their own: first replies with
+    """Serve `training_timer(arch, flavour=f, device=d, **settings)` for each f of
+    `flavours` ([]: book, and tuned on a GPU), d the GPU if there is one, over the
+    pipe end `conn`, the body of a process of their own: first replies with
     {flavour: info}, then answers each request (flavour, steps) with that window's
     images per second, until the request None. A failure is replied as
     ("error", its traceback) and ends the process; every other reply is ("ok", value)."""
+    # Ctrl-C reaches every process of the terminal's group: the parent ends this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        timers = {f: training_timer(arch, flavour=f, **settings) for f in flavours}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flavours = [f for f in ("book", "tuned")
+                    if f in (flavours or ["book"] + (["tuned"] if device == "cuda" else []))]
+        timers = {f: training_timer(arch, flavour=f, device=device, **settings)
+                  for f in flavours}
         conn.send(("ok", {f: info for f, (_, info) in timers.items()}))
         while (request := conn.recv()) is not None:
             flavour, steps = request
             conn.send(("ok", timers[flavour][0](steps)))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # the parent is gone (killed): there is no one to answer
     except Exception:  # noqa: BLE001 -- reported to the parent, which fails with it.
         conn.send(("error", traceback.format_exc()))
     finally:

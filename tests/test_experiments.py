@@ -71,6 +71,52 @@ def test_bench_times_pytorch_beside_jax(fashion_mnist_dir):
     assert multiprocessing.active_children() == []  # PyTorch's timing process has ended
 
 
+# `python -m experiments.bench args...` that sends itself SIGTERM as it starts timing
+# its second network, after printing the process ids of its children, and at the end
+# says whether it imported PyTorch.
+BENCH_TERMINATED = """
+import multiprocessing, os, signal, sys
+from experiments import bench
+
+interleaved, calls = bench.time_interleaved, []
+
+def terminated_at_the_second(windows, rounds, steps):
+    calls.append(1)
+    if len(calls) == 2:
+        print("children", *[c.pid for c in multiprocessing.active_children()], flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return interleaved(windows, rounds, steps)
+
+bench.time_interleaved = terminated_at_the_second
+code = bench.main(sys.argv[1:])
+print("imported torch:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_sigterm_stops_the_bench_with_one_line_and_ends_pytorchs_process(fashion_mnist_dir,
+                                                                          tmp_path):
+    pytest.importorskip("torch")
+    jsonl = tmp_path / "bench.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", BENCH_TERMINATED, "--arch", "lenet", "lenet_bn",
+         "--batch-size", "16", "--max-train", "256", "--max-test", "32", "--windows", "1",
+         "--steps", "1", "--data-dir", fashion_mnist_dir, "--torch", "--jsonl", str(jsonl)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "python -m experiments.bench: interrupted by SIGTERM while timing lenet_bn; the rows "
+        f"measured before it are in {jsonl}")
+    assert [json.loads(line)["arch"] for line in jsonl.read_text().splitlines()] == ["lenet"]
+    (children,) = [line.split()[1:] for line in proc.stdout.splitlines()
+                   if line.startswith("children")]
+    assert len(children) == 1  # PyTorch's timing process, ended with the bench:
+    assert not Path(f"/proc/{children[0]}").exists()
+    assert "imported torch: False" in proc.stdout  # PyTorch ran in that process only
+
+
 def test_bench_alternates_the_timed_windows():
     from experiments.bench import time_interleaved
 
