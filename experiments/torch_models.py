@@ -19,8 +19,12 @@ torchvision).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
+import os
 import signal
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -563,6 +567,18 @@ def time_training(arch: str, *, windows: int = 5, steps_per_window: int = 10,
     return {"img_per_s": statistics.median(rates), "window_img_per_s": rates, **info}
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when its parent dies, even by
+    SIGKILL (it would otherwise keep timing, and on a GPU keep its memory, until
+    its next reply finds the pipe closed)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before the call
+            os._exit(1)
+
+
 def serve_timers(conn, arch: str, flavours: list[str], **settings) -> None:
     """Serve `training_timer(arch, flavour=f, device=d, **settings)` for each f of
     `flavours` ([]: book, and tuned on a GPU), d the GPU if there is one, over the
@@ -572,6 +588,7 @@ def serve_timers(conn, arch: str, flavours: list[str], **settings) -> None:
     ("error", its traceback) and ends the process; every other reply is ("ok", value)."""
     # Ctrl-C reaches every process of the terminal's group: the parent ends this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         flavours = [f for f in ("book", "tuned")

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,57 @@ def test_sigterm_stops_the_bench_with_one_line_and_ends_pytorchs_process(fashion
     assert len(children) == 1  # PyTorch's timing process, ended with the bench:
     assert not Path(f"/proc/{children[0]}").exists()
     assert "imported torch: False" in proc.stdout  # PyTorch ran in that process only
+
+
+# `python -m experiments.bench args...` that has PyTorch's process start a long
+# window (100,000 steps), then prints that process's id and kills itself (SIGKILL:
+# no handler runs, and nothing tells the busy child).
+BENCH_KILLED = """
+import multiprocessing, os, signal, sys, threading, time
+from experiments import bench
+
+def killed(windows, rounds, steps):
+    threading.Thread(target=windows["torch"], args=(100_000,), daemon=True).start()
+    time.sleep(1)
+    print("children", *[c.pid for c in multiprocessing.active_children()], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+bench.time_interleaved = killed
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel ends it on Linux")
+def test_pytorchs_timing_process_dies_with_a_killed_bench(fashion_mnist_dir, tmp_path):
+    pytest.importorskip("torch")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out.txt"  # a file, not a pipe, which the child would hold open
+    with open(out, "w") as f:
+        code = subprocess.Popen(
+            [sys.executable, "-c", BENCH_KILLED, "--arch", "lenet", "--batch-size", "16",
+             "--max-train", "256", "--max-test", "32", "--windows", "1", "--steps", "1",
+             "--data-dir", fashion_mnist_dir, "--torch"],
+            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True).wait(600)
+    assert code == -signal.SIGKILL, out.read_text()[-2000:]
+    (children,) = [line.split()[1:] for line in out.read_text().splitlines()
+                   if line.startswith("children")]
+    (child,) = map(int, children)
+    deadline = time.monotonic() + 10  # the window alone would last minutes
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not running(child)
+    finally:
+        if running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has ended)."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 def test_bench_alternates_the_timed_windows():
