@@ -14,10 +14,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from conftest import SIGNAL_AT_STEP
 
 from cnnjax import runtime
 
@@ -85,11 +85,13 @@ def test_state_is_replicated_and_batches_split(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2
-                  ) -> list[subprocess.Popen]:
+def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2,
+                  signal_first: tuple[int, int] | None = None) -> list[subprocess.Popen]:
     """Start `python -m experiments.run ARGS` as a cluster of `processes` processes on
     this machine, each with `devices_each` CPU devices, joined through a coordinator
-    address as on real hosts (JAX's CPU collectives between processes use gloo)."""
+    address as on real hosts (JAX's CPU collectives between processes use gloo).
+    `signal_first` (signal, step): process 0 sends itself that signal during that
+    training step (`conftest.SIGNAL_AT_STEP`)."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -99,8 +101,12 @@ def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(rank)}
-        started.append(subprocess.Popen([sys.executable, "-m", "experiments.run", *args],
-                                        cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        command = [sys.executable, "-m", "experiments.run", *args]
+        if rank == 0 and signal_first:
+            sig, step = signal_first
+            command = [sys.executable, "-c", SIGNAL_AT_STEP, str(int(sig)), str(step),
+                       "experiments.run", *args]
+        started.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True))
     return started
 
@@ -119,9 +125,9 @@ def our_lines(text: str) -> list[str]:
 
 def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
     # Two processes with two devices each, as two hosts would run them, sharing the
-    # output directory: 3 epochs of 32 steps, with Ctrl-C sent to process 0 alone
-    # after epoch 1 (the processes agree at the start of each epoch, so they stop at
-    # the start of epoch 2 or 3), then resumed; against the same run on one device.
+    # output directory: 3 epochs of 32 steps, with Ctrl-C to process 0 alone during
+    # batch 7 of epoch 2 (the processes agree at the start of each epoch, so both
+    # stop at the start of epoch 3), then resumed; against the same run on one device.
     # At the recipe's lr of 1.0 with batch 64, 600 steps amplify the different order
     # of float32 additions to ~2e-4 (as between 1 and 4 devices in one process); at
     # lr 0.3 the runs agree to ~1e-6.
@@ -134,18 +140,14 @@ def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
 
     out = tmp_path / "cluster"
-    started = start_cluster([*common, "--out", str(out)])
-    deadline = time.monotonic() + 300
-    while not (out / "metrics.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    started[0].send_signal(signal.SIGINT)  # epoch 1 is done
-    host0, host1 = finish(started)
+    host0, host1 = finish(start_cluster([*common, "--out", str(out)],
+                                        signal_first=(signal.SIGINT, 32 + 8)))
     # Both stop at the same step and save it.
     assert (host0.returncode, host1.returncode) == (130, 130), (host0.stderr[-3000:],
                                                                  host1.stderr[-3000:])
     stops = [our_lines(proc.stderr) for proc in (host0, host1)]
     assert stops[0] == stops[1] and len(stops[0]) == 1, stops
-    assert re.search(r"interrupted by SIGINT \(stopped at epoch [23], batch 0\); "
+    assert re.search(r"interrupted by SIGINT \(stopped at epoch 3, batch 0\); "
                      r"checkpoint saved", stops[0][0]), stops[0][0]
 
     host0, host1 = finish(start_cluster(["--resume", str(out)]))
