@@ -46,14 +46,18 @@ SIGNAL_AT_STEP = textwrap.dedent("""
 """)
 
 
+def signalled_command(module: str, args: list[str], sig: int, at_step: int) -> list[str]:
+    """The command line of `python -m module *args` that sends itself `sig` during its
+    `at_step`-th training step (counted from 1 over all the runs it trains)."""
+    return [sys.executable, "-c", SIGNAL_AT_STEP, str(int(sig)), str(at_step), module, *args]
+
+
 def run_signalled(module: str, args: list[str], sig: int, at_step: int
                   ) -> subprocess.CompletedProcess:
-    """`python -m module *args`, sent `sig` during its `at_step`-th training step
-    (counted from 1 over all the runs it trains)."""
+    """Run `signalled_command(module, args, sig, at_step)` to its end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(int(sig)), str(at_step),
-                           module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(signalled_command(module, args, sig, at_step), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 DEBIAN_FILES = (

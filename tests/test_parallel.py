@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SIGNAL_AT_STEP
+from conftest import signalled_command
 
 from cnnjax import runtime
 
@@ -91,7 +91,7 @@ def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2,
     this machine, each with `devices_each` CPU devices, joined through a coordinator
     address as on real hosts (JAX's CPU collectives between processes use gloo).
     `signal_first` (signal, step): process 0 sends itself that signal during that
-    training step (`conftest.SIGNAL_AT_STEP`)."""
+    training step (`conftest.signalled_command`)."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -103,9 +103,7 @@ def start_cluster(args: list[str], processes: int = 2, devices_each: int = 2,
                "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(rank)}
         command = [sys.executable, "-m", "experiments.run", *args]
         if rank == 0 and signal_first:
-            sig, step = signal_first
-            command = [sys.executable, "-c", SIGNAL_AT_STEP, str(int(sig)), str(step),
-                       "experiments.run", *args]
+            command = signalled_command("experiments.run", args, *signal_first)
         started.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True))
     return started
