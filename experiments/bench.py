@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import json
 import multiprocessing
+import os
 import signal
 import statistics
 import sys
@@ -315,7 +316,8 @@ def markdown_table(rows: list[dict]) -> str:
 def bench_row(config: TrainConfig, dataset, source: str, args) -> dict:
     """Measure `config` (`measure`), print its JSON line and append it to --jsonl."""
     row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
-           "dtype": config.dtype, "data": source, "date": time.strftime("%Y-%m-%d")}
+           "dtype": config.dtype, "data": source, "date": time.strftime("%Y-%m-%d"),
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
     row.update(measure(config, dataset, args.devices, args.windows, args.steps,
                        args.steps_per_dispatch, args.torch))
     if args.steps_per_dispatch > 1:

@@ -54,6 +54,7 @@ def test_bench_prints_a_json_line_and_a_table(fashion_mnist_dir, tmp_path):
     assert row["arch"] == "lenet" and row["batch_size"] == 32 and row["resize"] == 28
     assert row["jax_img_per_s"] > 0 and len(row["jax_window_img_per_s"]) == 2
     assert row["flops_per_step"] > 1e6 and row["compile_s"] > 0 and row["data"] == "fashion_mnist"
+    assert row["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # what the step was compiled with
     assert json.loads(jsonl.read_text()) == row
     assert "| lenet | 32 | 28x28 | float32 | 1 |" in proc.stdout
 
