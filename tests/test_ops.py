@@ -163,6 +163,8 @@ def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, str
         return nn.max_pool(x, *args)
 
     chex.assert_trees_all_equal(jax.jit(fast)(x), plain(x))
+    # All below zero: a padded border must not win a window.
+    chex.assert_trees_all_equal(jax.jit(fast)(-x - 1), plain(-x - 1))
     weights = jax.random.normal(jax.random.key(1), plain(x).shape, dtype)
     grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) * weights).astype(jnp.float32)))(x)
              for f in (fast, plain)]
