@@ -291,18 +291,21 @@ def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
 
 def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The sums of a and b (N, ..., C) over every axis but the last, (C,) each: one
-    two-operand reduction over each example (the middle axes), then the sums of the
-    N partial sums.
+    two-operand reduction over each row of each example (the second-to-last axis),
+    then the sums of those partial sums.
 
     XLA:CPU rewrites a one-operand sum over many elements into a reduce-window and
     a reduce, and the reduce-window takes no producers into its loop, so in
     `jnp.sum(x * x, axis=(0, 1, 2))` the squares are written out first. A
     two-operand reduction is left as it is and computes a and b (the squares, say)
-    as it reads x, in one pass."""
+    as it reads x, in one pass. It runs 3 to 9x faster over rows (8 to 32 values
+    per channel) than over whole examples (64 to 1,024): a long reduction in
+    XLA:CPU's loop is slow."""
     if a.ndim > 2:
-        a, b = _sum_pair(a, b, tuple(range(1, a.ndim - 1)))
-    # The N partial sums as two plain sums: with the batch split over devices, XLA
-    # makes each an all-reduce (a two-operand one would gather all N first).
+        rows = (math.prod(a.shape[:-2]), *a.shape[-2:])
+        a, b = _sum_pair(a.reshape(rows), b.reshape(rows), (1,))
+    # The partial sums as two plain sums: with the batch split over devices, XLA
+    # makes each an all-reduce (a two-operand one would gather them all first).
     return jnp.sum(a, axis=0), jnp.sum(b, axis=0)
 
 
