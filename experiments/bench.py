@@ -243,7 +243,14 @@ def time_interleaved(windows: dict[str, Callable[[int], float]], rounds: int,
     """Each timer's rates (images/sec) over `rounds` rounds in which every timer runs
     one window of `steps` steps, in the reverse order each round. On a machine whose
     speed drifts (a shared VM can change by 40% within minutes), the timers then
-    see the same machine, and their ratio compares the code, not the moment."""
+    see the same machine, and their ratio compares the code, not the moment.
+
+    Each timer first runs one untimed window of `steps` steps: with several steps in
+    flight, JAX's first window takes fresh memory from the kernel (40,000 to 60,000
+    page faults at batch 64, half the speed of the next ones), which the timer's
+    single warm-up steps do not."""
+    for window in windows.values():
+        window(steps)
     rates = {name: [] for name in windows}
     order = list(windows)
     for _ in range(rounds):
