@@ -82,8 +82,7 @@ def build_model(config: TrainConfig, backend: str | None = None) -> nn.Module:
     """The network `config.arch`, computing in `config.dtype` (params stay float32),
     built from the layers that are fastest on `backend` (default: JAX's default
     backend; see `cnnjax.ops`)."""
-    layers = ops.layers_for(backend or jax.default_backend(),
-                            batch_norm=models.has_batch_norm(config.arch))
+    layers = ops.layers_for(backend or jax.default_backend())
     return models.get_model(config.arch, dtype=DTYPES[config.dtype], layers=layers)
 
 

@@ -32,18 +32,18 @@ def assert_same_values_and_gradients(fast, plain, x, kernel, atol=1e-5):
 
 
 @pytest.mark.parametrize("kernel_size, padding", [(5, 2), (5, 0), (3, 1)])
-def test_shifted_conv_matches_xla_convolution_and_its_gradients(kernel_size, padding):
+def test_one_channel_conv_matches_xla_convolution_and_its_gradients(kernel_size, padding):
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 6))
     pads = ((padding, padding), (padding, padding))
-    assert_same_values_and_gradients(lambda x, k: ops.shifted_conv(x, k, pads),
+    assert_same_values_and_gradients(lambda x, k: ops.one_channel_conv(x, k, pads),
                                      lambda x, k: xla_conv(x, k, padding=pads), x, kernel)
 
 
-@pytest.mark.parametrize("channels, strides, shifted", [(1, 1, True), (3, 1, False),
-                                                        (1, 2, False)])
-def test_cpu_conv_takes_the_shifted_path_only_for_one_channel_at_stride_1(channels, strides,
-                                                                           shifted):
+@pytest.mark.parametrize("channels, strides, one_channel", [(1, 1, True), (3, 1, False),
+                                                            (1, 2, False)])
+def test_cpu_conv_takes_the_one_channel_path_only_for_one_channel_at_stride_1(
+        channels, strides, one_channel):
     x = jax.random.normal(jax.random.key(0), (2, 10, 10, channels))
     kernel = jax.random.normal(jax.random.key(1), (5, 5, channels, 6))
     pads = ((2, 2), (2, 2))
@@ -53,7 +53,7 @@ def test_cpu_conv_takes_the_shifted_path_only_for_one_channel_at_stride_1(channe
                                             dimension_numbers=NHWC)
 
     primitives = str(jax.make_jaxpr(cpu)(x, kernel))
-    assert ("name=shifted_conv" in primitives) == shifted
+    assert ("name=one_channel_conv" in primitives) == one_channel
     assert_same_values_and_gradients(cpu, lambda x, k: xla_conv(x, k, (strides, strides), pads),
                                      x, kernel)
 
@@ -242,15 +242,17 @@ def test_get_model_applies_only_the_layers_a_network_has_and_does_not_fix():
     assert models.get_model("lenet_bn_scratch", layers=layers).norm is ScratchBatchNorm
 
 
-def test_one_channel_conv_is_shifted_only_in_networks_without_batch_norm():
-    x = jnp.ones((2, 28, 28, 1))
+def test_networks_take_one_channel_conv_for_a_stride_1_first_layer():
+    x = jnp.ones((2, 32, 32, 1))
 
-    def takes_shifted_conv(arch: str) -> bool:
-        model = steps.build_model(TrainConfig(arch=arch, resize=28), backend="cpu")
+    def takes_one_channel_conv(arch: str) -> bool:
+        model = steps.build_model(TrainConfig(arch=arch, resize=32), backend="cpu")
         variables = model.init(jax.random.key(0), x)
-        return "shifted_conv" in str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
+        return "one_channel_conv" in str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
 
-    assert takes_shifted_conv("lenet") and not takes_shifted_conv("lenet_bn")
+    # LeNet's 5x5 and VGG's 3x3 first layers have stride 1; ResNet's 7x7 has stride 2.
+    assert takes_one_channel_conv("lenet") and takes_one_channel_conv("lenet_bn")
+    assert takes_one_channel_conv("vgg11") and not takes_one_channel_conv("resnet18")
 
 
 def test_layers_for_each_backend():
@@ -258,7 +260,7 @@ def test_layers_for_each_backend():
     assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
 
 
-# LeNet's first layer is shifted_conv's case, ResNet-18's last two stages at 32x32
+# LeNet's first layer is one_channel_conv's case, ResNet-18's last two stages at 32x32
 # im2col_conv's, RegNetX-32's 3x3 convs the grouped case, ResNet-18's and VGG's max
 # pools `max_pool`'s.
 @pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32),
@@ -283,7 +285,7 @@ def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
     chex.assert_trees_all_close(fast_grads, plain_grads, atol=1e-5)
 
 
-def test_shifted_conv_in_bfloat16_sums_in_float32():
+def test_one_channel_conv_in_bfloat16_sums_in_float32():
     layer = ops.layers_for("cpu")["conv"](6, 5, padding=2, dtype=jnp.bfloat16)
     x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
     variables = layer.init(jax.random.key(1), x)

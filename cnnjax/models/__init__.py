@@ -8,7 +8,7 @@ from cnnjax.models.googlenet import GoogLeNet, Inception
 from cnnjax.models.lenet import LeNet, LeNetBN
 from cnnjax.models.nin import NiN, nin_block
 from cnnjax.models.regnet import AnyNet, ResNeXtBlock
-from cnnjax.models.registry import describe, get_model, has_batch_norm, list_models
+from cnnjax.models.registry import describe, get_model, list_models
 from cnnjax.models.resnet import CifarResNet, Residual, ResNet, Stem, resnet_block
 from cnnjax.models.summary import (
     BlockInfo,
@@ -23,7 +23,7 @@ from cnnjax.models.vgg import VGG, vgg_block
 __all__ = [
     "accepts_input", "AlexNet", "AnyNet", "block_infos", "BlockInfo", "CifarResNet",
     "conv_block", "count_params", "DenseBlock", "DenseNet", "describe", "get_model",
-    "GoogLeNet", "has_batch_norm", "Inception", "LeNet", "LeNetBN", "list_models", "min_input_size", "NiN",
+    "GoogLeNet", "Inception", "LeNet", "LeNetBN", "list_models", "min_input_size", "NiN",
     "nin_block", "Residual", "ResNet", "resnet_block", "ResNeXtBlock", "Stem", "summary",
     "transition_block", "VGG", "vgg_block",
 ]

@@ -89,13 +89,6 @@ def get_model(name: str, num_classes: int = 10, layers: dict[str, Any] | None = 
     return constructor(num_classes=num_classes, **fields)
 
 
-def has_batch_norm(name: str) -> bool:
-    """Whether network `name` batch-normalizes its layers (has a `norm` field)."""
-    constructor = get_spec(name).constructor
-    module = getattr(constructor, "func", constructor)
-    return "norm" in {field.name for field in dataclasses.fields(module)}
-
-
 def describe(name: str) -> str:
     """A one-line description of network `name`, with its book section."""
     return get_spec(name).description
