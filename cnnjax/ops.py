@@ -54,8 +54,6 @@ def _nhwc_conv(x: jax.Array, kernel: jax.Array, padding, strides=(1, 1)) -> jax.
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
-
-
 def _window_views(padded: jax.Array, window, strides, out) -> list[jax.Array]:
     """For each offset (a, b) of a window, in row-major order, the (N, *out, C) view
     of the padded input that the windows of all `out` positions see there."""
@@ -165,10 +163,9 @@ def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                              preferred_element_type=None):
     """`lax.conv_general_dilated` as `nn.Conv` calls it, with a grouped convolution
     split into one convolution per group, the one-channel stride-1 case sent to
-    `one_channel_conv`, 1x1 kernels and small output maps
-    to `im2col_conv`, and other strided ones to `strided_conv` (see the module
-    docstring). The case is decided from static
-    shapes while the model is traced, not at run time."""
+    `one_channel_conv`, 1x1 kernels and small output maps to `im2col_conv`, and other
+    strided ones to `strided_conv` (see the module docstring). The case is decided
+    from static shapes while the model is traced, not at run time."""
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     plain_2d = (lhs.ndim == 4 and undilated and not isinstance(padding, str)
                 and precision is None and preferred_element_type is None
