@@ -92,10 +92,10 @@ def one_channel_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     out_dtype = jnp.result_type(x, kernel)
     sum_dtype = jnp.promote_types(out_dtype, jnp.float32)
     x = jnp.pad(x, ((0, 0), *padding, (0, 0))).astype(sum_dtype)
-    weights = kernel[:, :, 0, :].astype(sum_dtype)
+    weights = kernel.reshape(kh * kw, -1).astype(sum_dtype)
     out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    out = sum(x[:, a:a + out_h, b:b + out_w, :] * weights[a, b]
-              for a in range(kh) for b in range(kw))
+    views = _window_views(x, (kh, kw), (1, 1), (out_h, out_w))
+    out = sum(view * weight for view, weight in zip(views, weights))
     # XLA:CPU fuses element-wise sums into each of their consumers and computes them
     # again in each (batch norm's passes, the activation, the pool). It does not fuse
     # a matrix product, so one with the identity makes the sums run once.
