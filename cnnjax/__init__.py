@@ -6,7 +6,7 @@
 - `cnnjax.data`: Fashion-MNIST through TFDS;
 - `cnnjax.steps`: the jitted train and eval steps; `cnnjax.train`: a whole run
   (`train_and_evaluate`);
-- `cnnjax.ops`: faster versions of the layers, chosen when a model is built;
+- `cnnjax.cpu_kernels`: faster versions of the layers, chosen when a model is built;
 - `cnnjax.runtime`: the XLA and device settings to apply before JAX starts.
 
 Importing cnnjax changes nothing outside it.

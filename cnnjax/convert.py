@@ -1,7 +1,7 @@
 """The weights of the book's PyTorch networks in cnnjax's Flax networks.
 
 `from_torch(arch, state_dict)` turns the `state_dict()` of a network as the book
-builds it in PyTorch (`experiments/torch_models.py` rebuilds them all) into the
+builds it in PyTorch (`experiments/torch_reference.py` rebuilds them all) into the
 `{"params", "batch_stats"}` of the same network here:
 
     variables = from_torch("lenet_bn", torch.load("lenet_bn.pt", weights_only=True))
@@ -22,7 +22,7 @@ once the layouts are converted:
 - batch norm: weight, bias, running_mean, running_var (`nn.BatchNorm2d/1d`) or
   gamma, beta, moving_mean, moving_var (the book's from-scratch `BatchNorm`, §7.5.3)
   -> scale, bias, mean, var (`nn.BatchNorm`) or gamma, beta, moving_mean, moving_var
-  (`cnnjax.layers.BatchNorm`). `num_batches_tracked` has no counterpart.
+  (`cnnjax.scratch.BatchNorm`). `num_batches_tracked` has no counterpart.
 
 Anything that does not pair up raises ValueError naming the layers concerned: a
 layer without a counterpart of its kind, or a pair whose shapes differ (both named).
@@ -260,7 +260,7 @@ def from_torch(arch: str, state_dict: Mapping[str, Any], resize: int | None = No
     """The variables ({"params", "batch_stats"}, NumPy arrays of `dtype`, or of the
     state dict's dtype if None) of network `arch` holding the weights and batch-norm
     statistics of `state_dict`, the `state_dict()` of the book's PyTorch network
-    (`experiments.torch_models.build(arch, resize=resize)`). `resize` (default: the
+    (`experiments.torch_reference.build(arch, resize=resize)`). `resize` (default: the
     book's for `arch`) sizes the dense layers of the networks that flatten a feature
     map (LeNet, AlexNet, VGG). Raises ValueError if the two do not match."""
     variables: dict[str, dict] = {"params": {}, "batch_stats": {}}

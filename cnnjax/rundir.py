@@ -2,8 +2,8 @@
 
     config.json    the settings (`TrainConfig`), written first; a resume reads them
     run.json       how the run was made and where it stands: command, device,
-                   versions, start and end dates, status (running, finished,
-                   interrupted, diverged)
+                   layer set and start-up settings, versions, start and end dates,
+                   status (running, finished, interrupted, diverged)
     metrics.json   per-epoch loss, accuracies and examples/sec (rewritten atomically
                    after every epoch)
     curves.png     train loss, train accuracy and test accuracy against epoch
@@ -163,17 +163,16 @@ class RunDir:
 
     # --- writing while it runs ---------------------------------------------------------
 
-    def start(self, command: str, device: str, device_count: int, process_count: int) -> None:
-        """Record in run.json that the run (or its resumption) is starting."""
+    def start(self, command: str, **details: Any) -> None:
+        """Record in run.json that the run (or its resumption) is starting, with
+        `details` of how (device, layer set, start-up settings, ...)."""
         info = self.info()
         now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         started = info.get("started", [])
         if isinstance(started, str):
             started = [started]
         self._write_info({**info, "status": "running", "command": command,
-                          "started": [*started, now], "device": device,
-                          "device_count": device_count, "process_count": process_count,
-                          "versions": versions()})
+                          "started": [*started, now], **details, "versions": versions()})
 
     def end(self, status: str, reason: str | None = None) -> None:
         """Record in run.json how the run ended (`status`, one of STATUSES)."""

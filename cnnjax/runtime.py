@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+from typing import Any
 
 import jax
 
@@ -72,6 +73,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
                     "GLIBC_TUNABLES")
 ASYNC_DISPATCH_VARIABLE = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
+_malloc_configured = False  # whether configure() changed glibc's malloc in this process
 
 
 def keep_freed_memory() -> bool:
@@ -123,13 +125,28 @@ def configure() -> None:
     threads = cpu_threads(flags, env.get("NPROC"))
     if threads:
         env["NPROC"] = threads
-    if keep_freed_memory() and ASYNC_DISPATCH_VARIABLE not in env:
+    global _malloc_configured
+    _malloc_configured = _malloc_configured or keep_freed_memory()
+    if _malloc_configured and ASYNC_DISPATCH_VARIABLE not in env:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if in_cluster() and not jax.distributed.is_initialized():
         counts = {key: int(env[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
                                                          ("process_id", "JAX_PROCESS_ID"))
                   if name in env}
         jax.distributed.initialize(**counts)
+
+
+def settings() -> dict[str, Any]:
+    """The start-up settings in effect in this process, as run.json records them:
+    XLA_FLAGS, whether `configure()` made glibc's malloc keep freed memory, whether
+    CPU steps are dispatched to XLA's threads (JAX's default) or run on the calling
+    thread, and NPROC (XLA's CPU thread pool) where set. Each can be chosen in the
+    environment instead (MALLOC_* or GLIBC_TUNABLES, JAX_CPU_ENABLE_ASYNC_DISPATCH,
+    XLA_FLAGS, NPROC), which `configure()` leaves alone."""
+    return {"xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "malloc_keeps_freed_memory": _malloc_configured,
+            "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+            "nproc": os.environ.get("NPROC")}
 
 
 def nvidia_gpu_present() -> bool:

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from cnnjax import models, ops
-from cnnjax.models import common
+from cnnjax import cpu_kernels, models
+from cnnjax.models.layers import torch_default_biases
 from cnnjax.config import TrainConfig
 from cnnjax.data import preprocess, random_crop_flip
 
@@ -75,15 +75,19 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1
     return sgd
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+def layer_set(config: TrainConfig, backend: str | None = None) -> str:
+    """Which layers `build_model` builds the network from on `backend` (default: JAX's
+    default backend): "cpu_kernels" (`cnnjax.cpu_kernels`) or "plain"."""
+    backend = backend or jax.default_backend()
+    return "cpu_kernels" if config.cpu_kernels and cpu_kernels.layers_for(backend) else "plain"
 
 
 def build_model(config: TrainConfig, backend: str | None = None) -> nn.Module:
     """The network `config.arch`, computing in `config.dtype` (params stay float32),
-    built from the layers that are fastest on `backend` (default: JAX's default
-    backend; see `cnnjax.ops`)."""
-    layers = ops.layers_for(backend or jax.default_backend())
-    return models.get_model(config.arch, dtype=DTYPES[config.dtype], layers=layers)
+    built from the layers `layer_set` names for `backend`."""
+    layers = (cpu_kernels.layers_for(backend or jax.default_backend())
+              if layer_set(config, backend) == "cpu_kernels" else {})
+    return models.get_model(config.arch, dtype=jnp.dtype(config.dtype), layers=layers)
 
 
 def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
@@ -100,7 +104,7 @@ def create_train_state(config: TrainConfig, model: nn.Module, key: jax.Array,
         variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False)
         params = variables["params"]
         if config.init == "book":
-            params = common.torch_default_biases(params, jax.random.fold_in(params_key, 1))
+            params = torch_default_biases(params, jax.random.fold_in(params_key, 1))
         return TrainState.create(apply_fn=model.apply, params=params,
                                  batch_stats=variables.get("batch_stats", {}),
                                  tx=make_optimizer(config, steps_per_epoch))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnnjax import runtime
 from cnnjax.checkpoint import CheckpointError, Checkpoints, DiskFull, is_disk_full
 from cnnjax.config import TrainConfig
 from cnnjax.data import FashionMNIST, eval_batch_indices, load_fashion_mnist, train_batch_indices
@@ -37,6 +38,7 @@ from cnnjax.steps import (
     build_model,
     create_train_state,
     evaluate,
+    layer_set,
     train_step,
     zero_totals,
 )
@@ -292,7 +294,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | RunDir,
         metrics["epochs"] = position["history"]
         say(f"resumed from {run_dir.path} at epoch {start_epoch + 1}, batch {start_batch}")
     if writer:
-        run_dir.start(command, describe_device(), run.parallel.num_devices, jax.process_count())
+        run_dir.start(command, device=describe_device(), device_count=run.parallel.num_devices,
+                      process_count=jax.process_count(), layers=layer_set(config),
+                      runtime=runtime.settings())
     say(f"training {config.arch} on {describe_device()} x{run.parallel.num_devices}: "
         f"{config.epochs} epochs, lr {config.lr}, batch {config.batch_size}, "
         f"{config.resize}x{config.resize}, {config.dtype}; {steps_per_epoch} steps/epoch "

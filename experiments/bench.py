@@ -10,7 +10,7 @@ timed windows of --steps steps each; the on-device data pipeline of gathering,
 scaling and resizing the batch included), the compile time, the FLOPs of one step
 (XLA's cost analysis of the step before optimization) and, on a GPU or TPU whose peak
 is known, the achieved fraction of it (MFU). With --torch, the PyTorch version of the
-same network, recipe and input size (experiments/torch_models.py) is timed in the
+same network, recipe and input size (experiments/torch_reference.py) is timed in the
 same run, in a child process of its own (so that it runs as its users run it, not
 with the settings `cnnjax.runtime.configure()` gives this process): the book's eager
 loop that resizes on the CPU, and on a GPU also a tuned one (channels-last, bf16
@@ -170,9 +170,9 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
 
 def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitStack
                  ) -> dict[str, tuple]:
-    """PyTorch's timers (`torch_models.training_timer`) for `flavours` ([] means book,
+    """PyTorch's timers (`torch_reference.training_timer`) for `flavours` ([] means book,
     and tuned on a GPU), keyed "torch" (book) and "torch_tuned", as (window, info)
-    like `jax_timer`'s. They run in a child process (`torch_models.serve_timers`),
+    like `jax_timer`'s. They run in a child process (`torch_reference.serve_timers`),
     which `stack` ends; each window is one request to it through a pipe. PyTorch is
     imported there only."""
     settings = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
@@ -208,10 +208,10 @@ def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitSta
 
 
 def _serve_torch_timers(*args, **kwargs) -> None:
-    """The body of PyTorch's timing process: `torch_models.serve_timers`."""
-    from experiments import torch_models
+    """The body of PyTorch's timing process: `torch_reference.serve_timers`."""
+    from experiments import torch_reference
 
-    torch_models.serve_timers(*args, **kwargs)
+    torch_reference.serve_timers(*args, **kwargs)
 
 
 def _stopper(child, conn) -> Callable:

@@ -4,7 +4,7 @@
     python -m experiments.equivalence --arch lenet_bn --arch resnet18
     python -m experiments.equivalence --json equivalence.json
 
-For each network, the book's PyTorch network (experiments/torch_models.py, on the
+For each network, the book's PyTorch network (experiments/torch_reference.py, on the
 CPU, one thread) gets random weights: its own Xavier kernels and default biases, and
 random batch-norm scales, shifts and moving statistics, so that eval mode is a real
 test. The Flax network, as cnnjax.steps.build_model builds it for training, gets the
@@ -84,7 +84,7 @@ try:
     import torch
     from torch.nn import functional as F
 
-    from experiments import torch_models
+    from experiments import torch_reference
 except ImportError:  # main() says so in one line
     torch = None
 
@@ -146,7 +146,7 @@ def random_torch_network(arch: str, resize: int, seed: int) -> torch.nn.Module:
     """The book's PyTorch network `arch` with its own random initialisation, random
     batch-norm scales, shifts and moving statistics, and dropout off."""
     torch.manual_seed(seed)
-    net = torch_models.build(arch, resize=resize)
+    net = torch_reference.build(arch, resize=resize)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -154,7 +154,7 @@ def random_torch_network(arch: str, resize: int, seed: int) -> torch.nn.Module:
             if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 scale, shift = module.weight, module.bias
                 mean, var = module.running_mean, module.running_var
-            elif isinstance(module, torch_models.BatchNorm):
+            elif isinstance(module, torch_reference.TorchBatchNorm):
                 scale, shift = module.gamma, module.beta
                 mean, var = module.moving_mean, module.moving_var
             else:

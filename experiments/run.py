@@ -66,7 +66,7 @@ def build_parser():
                              "weights of --torch-weights (prints the test accuracy)")
     parser.add_argument("--torch-weights", metavar="FILE",
                         help="with --eval-only: the state_dict() of the book's PyTorch network "
-                             "for --arch (as experiments/torch_models.py builds it, for "
+                             "for --arch (as experiments/torch_reference.py builds it, for "
                              "--resize inputs), saved with torch.save; needs PyTorch")
     add_config_flags(parser)
     run = parser.add_argument_group("the run")

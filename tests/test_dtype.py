@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import layers, models
-from cnnjax.models.common import GlobalAvgPool
+from cnnjax import models, scratch
+from cnnjax.models.layers import GlobalAvgPool
 
 ALL = models.list_models()
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -180,7 +180,7 @@ def test_convs_and_matmuls_compute_in_bfloat16(name):
 def test_scratch_batch_norm_keeps_float32_statistics():
     x32 = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 4))
     x16 = x32.astype(BF16)
-    ours = layers.BatchNorm()
+    ours = scratch.BatchNorm()
     variables = ours.init(jax.random.key(1), x16, use_running_average=False)
     assert_all_float32(variables)
 
@@ -207,7 +207,7 @@ def test_scratch_batch_norm_keeps_float32_statistics():
     y_eval = ours.apply(upd16 | {"params": variables["params"]}, x16, use_running_average=True)
     chex.assert_type(y_eval, BF16)
     # The `dtype` field sets the output dtype, as in Flax.
-    y_f32 = layers.BatchNorm(dtype=F32).apply(variables, x16, use_running_average=True)
+    y_f32 = scratch.BatchNorm(dtype=F32).apply(variables, x16, use_running_average=True)
     chex.assert_type(y_f32, F32)
 
 

@@ -312,7 +312,7 @@ def run_main(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_eval_only_reports_the_pytorch_networks_accuracy(torch, request, tmp_path, capsys):
     from cnnjax.data import load_fashion_mnist
-    from experiments import torch_models
+    from experiments import torch_reference
 
     # Asked for here, so that without PyTorch the data set is not prepared for nothing.
     fashion_mnist_dir = request.getfixturevalue("fashion_mnist_dir")
@@ -320,7 +320,7 @@ def test_eval_only_reports_the_pytorch_networks_accuracy(torch, request, tmp_pat
     images = torch.from_numpy(data.train_images).permute(0, 3, 1, 2).float() / 255
     labels = torch.from_numpy(data.train_labels).long()
     torch.manual_seed(0)
-    net = torch_models.build("lenet_bn")
+    net = torch_reference.build("lenet_bn")
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
     for step in range(64):  # a few of the book's steps, so that the accuracy says something
         batch = slice(16 * step, 16 * (step + 1))
@@ -357,10 +357,10 @@ def test_eval_only_bad_file_is_one_line(content, message, torch, tmp_path, capsy
 
 
 def test_eval_only_wrong_network_is_one_line(torch, tmp_path, capsys):
-    from experiments import torch_models
+    from experiments import torch_reference
 
     weights = tmp_path / "lenet.pt"
-    torch.save(torch_models.build("lenet").state_dict(), weights)
+    torch.save(torch_reference.build("lenet").state_dict(), weights)
     code, _, err = run_main(["--arch", "lenet_bn", "--eval-only", "--torch-weights",
                              str(weights)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import run_signalled
 
+from cnnjax import config as recipes
 from cnnjax.config import TrainConfig
 from experiments import reproduce
 
@@ -199,7 +200,8 @@ def test_bench_rejects_bad_input():
 
 def test_reproduce_names_a_longer_run_apart_from_full_and_quick_ones():
     """A recipe trained for more epochs on all the data is neither the full recipe
-    (its row would claim the book's settings) nor a quick look (it learns more)."""
+    (its row would claim the book's settings) nor a quick look (it learns more), and
+    the CPU recipe is a kind of its own."""
     recipe = TrainConfig.from_recipe("resnet18", "modern")
     names = {changes: reproduce.run_name(dataclasses.replace(recipe, **dict(changes)))
              for changes in [(), (("epochs", 20),), (("epochs", 5),),
@@ -208,6 +210,15 @@ def test_reproduce_names_a_longer_run_apart_from_full_and_quick_ones():
                                     "resnet18-modern-quick", "resnet18-modern-quick",
                                     "resnet18-modern-quick"]
     assert reproduce.kind(dataclasses.replace(recipe, epochs=20)) == "longer"
+
+    cpu = TrainConfig.from_recipe("resnet18", **recipes.cpu_overrides("resnet18"))
+    assert (cpu.epochs, cpu.resize, cpu.lr, cpu.max_train) == (3, 64, 0.05, None)
+    assert reproduce.run_name(cpu) == "resnet18-cpu"
+    assert reproduce.run_name(cpu.replace(seed=1, cpu_kernels=False)) == "resnet18-cpu"
+    assert reproduce.run_name(cpu.replace(max_train=512)) == "resnet18-quick"
+    assert reproduce.run_name(cpu.replace(lr=0.1)) == "resnet18-quick"
+    lenet = TrainConfig.from_recipe("lenet", **recipes.cpu_overrides("lenet"))
+    assert reproduce.run_name(lenet) == "lenet"  # the LeNets keep their full recipe
 
 
 def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_path):
@@ -219,7 +230,6 @@ def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_pat
     report = (tmp_path / "cpu" / "REPORT.md").read_text()
     assert ("**quick** (not the full recipe; settings in each row): lenet_bn_scratch-quick, "
             "lenet_bn_scratch-modern-quick") in report
-    assert reproduce.QUICK_CAVEAT in report  # what quick rows can and cannot show
     classic, modern = [line for line in report.splitlines()
                        if line.startswith("| [`lenet_bn_scratch`]")]
     assert ("| classic | **quick** | 1 ep, lr 1.0, batch 256, 28x28, 512 train / 256 test "

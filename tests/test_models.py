@@ -193,7 +193,7 @@ def anynet_params(stem: int, stages, groups: int) -> int:
 def test_regnetx32_parameter_count():
     variables = jax.eval_shape(lambda: init(models.get_model("regnetx32"),
                                             jnp.ones((1, 96, 96, 1))))
-    # 179,290 is also the count of a PyTorch build of the book's code (test_torch_models).
+    # 179,290 is also the count of a PyTorch build of the book's code (test_torch_reference).
     assert count_params(variables["params"]) == anynet_params(32, [(4, 32), (6, 80)], 16)
     assert count_params(variables["params"]) == 179_290
 

@@ -226,7 +226,7 @@ def test_import_changes_nothing_and_configure_sets_the_flags():
     code = textwrap.dedent("""
         import os
         before = dict(os.environ)
-        import cnnjax, cnnjax.config, cnnjax.data, cnnjax.models, cnnjax.ops, cnnjax.plots
+        import cnnjax, cnnjax.config, cnnjax.data, cnnjax.models, cnnjax.cpu_kernels, cnnjax.plots
         import cnnjax.runtime, cnnjax.steps, cnnjax.train
         import experiments.run, experiments.reproduce, experiments.bench
         print(dict(os.environ) == before)

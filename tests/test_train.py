@@ -235,7 +235,7 @@ def test_train_flops_count_the_networks_training_work(backend, monkeypatch):
     forward = 2 * (28 * 28 * 6 * 25 + 10 * 10 * 16 * 25 * 6 + 400 * 120 + 120 * 84 + 84 * 10)
     first_input_grad = 2 * 28 * 28 * 6 * 25
     # On a CPU the first layer's sums are followed by a product with the 6x6 identity
-    # (`ops.one_channel_conv`), which XLA counts too.
+    # (`cpu_kernels.one_channel_conv`), which XLA counts too.
     identity = 2 * 28 * 28 * 6 * 6 if backend == "cpu" else 0
     assert run.train_flops == pytest.approx(
         batch * (3 * forward - first_input_grad + identity), rel=0.05)
@@ -271,13 +271,19 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     assert metrics["arch"] == "lenet_bn" and metrics["device_count"] == jax.device_count()
     assert metrics["config"] == {**recipes.recipe_settings("lenet_bn"), "arch": "lenet_bn",
                                  "epochs": 1, "seed": 0, "max_train": 512, "max_test": 256,
-                                 "dtype": "float32", "recipe": "classic", "init": "book"}
+                                 "dtype": "float32", "recipe": "classic", "init": "book",
+                                 "cpu_kernels": True}
     assert TrainConfig.from_json((out / "config.json").read_text()).to_dict() == \
         metrics["config"]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["command"].startswith(
         "python -m experiments.run --arch lenet_bn")
     assert info["versions"]["jax"] == jax.__version__
+    # The layer set and the start-up settings the run actually used.
+    assert info["layers"] == "cpu_kernels"
+    assert info["runtime"]["cpu_async_dispatch"] is False
+    assert info["runtime"]["malloc_keeps_freed_memory"] is True
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in info["runtime"]["xla_flags"]
     assert "epoch 1/1: loss " in (out / "log.txt").read_text()
     assert metrics["device"].startswith("cpu") and metrics["compile_seconds"] > 0
     (epoch,) = metrics["epochs"]
@@ -287,6 +293,26 @@ def test_cli_trains_on_real_data(fashion_mnist_dir, tmp_path):
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert any((out / "checkpoints").iterdir())
+
+
+def test_cli_trains_with_the_plain_layers_on_request(fashion_mnist_dir, tmp_path):
+    out = tmp_path / "plain"
+    proc = run_cli("--arch", "lenet_bn", "--epochs", "1", "--max-train", "256",
+                   "--max-test", "256", "--no-cpu-kernels", "--data-dir", fashion_mnist_dir,
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["cpu_kernels"] is False
+    assert json.loads((out / "run.json").read_text())["layers"] == "plain"
+    assert "--cpu-kernels" in run_cli("--help").stdout
+
+
+def test_build_model_uses_the_cpu_kernels_only_on_a_cpu_and_when_asked():
+    config = TrainConfig.from_recipe("resnet18")
+    assert steps.layer_set(config, "cpu") == "cpu_kernels"
+    assert steps.layer_set(config.replace(cpu_kernels=False), "cpu") == "plain"
+    assert steps.layer_set(config, "gpu") == "plain"
+    fast, plain = (steps.build_model(c, "cpu") for c in (config, config.replace(cpu_kernels=False)))
+    assert fast.norm is not plain.norm and plain.norm is models.get_model("resnet18").norm
 
 
 def test_cli_summary_for_every_network(capsys):

@@ -7,8 +7,8 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, ModuleDef, flatten
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, ModuleDef, flatten
 
 
 class AlexNet(nn.Module):
@@ -22,9 +22,9 @@ class AlexNet(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

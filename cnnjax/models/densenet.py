@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import AvgPool, Dtype, GlobalAvgPool, ModuleDef
+from cnnjax.models import layers
+from cnnjax.models.layers import AvgPool, Dtype, GlobalAvgPool, ModuleDef
 from cnnjax.models.resnet import Stem
 
 
@@ -17,8 +17,8 @@ class conv_block(nn.Module):  # noqa: N801 -- named like the book's function.
     """DenseNet's conv block (§7.7.2): batch norm, ReLU, then a 3x3 conv (padding 1)."""
 
     num_channels: int
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -33,8 +33,8 @@ class DenseBlock(nn.Module):
 
     num_convs: int
     num_channels: int
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -49,8 +49,8 @@ class transition_block(nn.Module):  # noqa: N801 -- named like the book's functi
     and a 2x2 average pool with stride 2, halving height and width."""
 
     num_channels: int
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -68,10 +68,10 @@ class DenseNet(nn.Module):
     num_channels: int = 64
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    norm: ModuleDef = common.batch_norm
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    norm: ModuleDef = layers.batch_norm
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

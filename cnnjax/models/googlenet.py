@@ -7,8 +7,8 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, GlobalAvgPool, ModuleDef
 
 
 class Inception(nn.Module):
@@ -24,8 +24,8 @@ class Inception(nn.Module):
     c2: tuple[int, int]
     c3: tuple[int, int]
     c4: int
-    conv: ModuleDef = common.conv2d
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -55,9 +55,9 @@ class GoogLeNet(nn.Module):
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    max_pool: ModuleDef = layers.MaxPool
 
     def setup(self) -> None:
         conv = functools.partial(self.conv, dtype=self.dtype)

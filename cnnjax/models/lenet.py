@@ -7,8 +7,8 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import AvgPool, Dtype, ModuleDef, flatten
+from cnnjax.models import layers
+from cnnjax.models.layers import AvgPool, Dtype, ModuleDef, flatten
 
 
 class LeNet(nn.Module):
@@ -21,8 +21,8 @@ class LeNet(nn.Module):
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -44,14 +44,14 @@ class LeNetBN(nn.Module):
     BN sits between the affine map and the sigmoid. The first conv is unpadded
     here, as in the book's BN version, so the flattened features are 16x4x4.
     `norm` is the batch norm: flax's (§7.5.5) by default, or the from-scratch
-    `cnnjax.layers.BatchNorm` (§7.5.3), which takes the same fields.
+    `cnnjax.scratch.BatchNorm` (§7.5.3), which takes the same fields.
     """
 
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -7,8 +7,8 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, GlobalAvgPool, ModuleDef
 
 
 class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
@@ -19,7 +19,7 @@ class nin_block(nn.Module):  # noqa: N801 -- named like the book's function.
     kernel_size: int
     strides: int
     padding: int
-    conv: ModuleDef = common.conv2d
+    conv: ModuleDef = layers.conv2d
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -39,8 +39,8 @@ class NiN(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

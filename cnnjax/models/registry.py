@@ -15,7 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from cnnjax.layers import BatchNorm as ScratchBatchNorm
+from cnnjax.scratch import BatchNorm as ScratchBatchNorm
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.densenet import DenseNet
 from cnnjax.models.googlenet import GoogLeNet
@@ -78,7 +78,7 @@ def get_model(name: str, num_classes: int = 10, layers: dict[str, Any] | None = 
               **fields) -> nn.Module:
     """Build network `name` with `num_classes` outputs; `fields` override the
     module's other fields (e.g. `get_model('vgg11', ratio=1)`). `layers` replaces
-    the layers it is built from (`conv`, `max_pool`, ...; `cnnjax.ops.layers_for`)
+    the layers it is built from (`conv`, `max_pool`, ...; `cnnjax.cpu_kernels.layers_for`)
     where the network has them (LeNet has no max pool) and its name does not fix
     them (lenet_bn_scratch keeps the book's batch norm)."""
     constructor = get_spec(name).constructor

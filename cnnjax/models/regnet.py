@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, GlobalAvgPool, ModuleDef
 
 
 class ResNeXtBlock(nn.Module):
@@ -30,8 +30,8 @@ class ResNeXtBlock(nn.Module):
     bot_mul: float
     use_1x1conv: bool = False
     strides: int = 1
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -52,8 +52,8 @@ class AnyNetStem(nn.Module):
     stride 2 and padding 1, batch norm and ReLU; it halves height and width."""
 
     num_channels: int
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -70,8 +70,8 @@ class AnyNetStage(nn.Module):
     num_channels: int
     groups: int
     bot_mul: float
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -96,9 +96,9 @@ class AnyNet(nn.Module):
     stem_channels: int = 32
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

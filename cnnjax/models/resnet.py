@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, GlobalAvgPool, ModuleDef
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, GlobalAvgPool, ModuleDef
 
 
 class Residual(nn.Module):
@@ -27,8 +27,8 @@ class Residual(nn.Module):
     use_1x1conv: bool = False
     strides: int = 1
     shortcut: bool = True
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -55,8 +55,8 @@ class resnet_block(nn.Module):  # noqa: N801 -- named like the book's function.
     num_residuals: int
     first_block: bool = False
     shortcut: bool = True  # False: plain blocks (see `Residual`)
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -76,9 +76,9 @@ class Stem(nn.Module):
     and a 3x3 max pool (stride 2, padding 1): 224x224 becomes 56x56."""
 
     num_channels: int = 64
-    conv: ModuleDef = common.conv2d
-    norm: ModuleDef = common.batch_norm
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    norm: ModuleDef = layers.batch_norm
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -95,10 +95,10 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    norm: ModuleDef = common.batch_norm
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    norm: ModuleDef = layers.batch_norm
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -128,9 +128,9 @@ class CifarResNet(nn.Module):
     residual: bool = True
     num_classes: int = 10
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    norm: ModuleDef = common.batch_norm
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    norm: ModuleDef = layers.batch_norm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.models import common
-from cnnjax.models.common import Dtype, ModuleDef, flatten
+from cnnjax.models import layers
+from cnnjax.models.layers import Dtype, ModuleDef, flatten
 
 # (number of convs, output channels) of each block of VGG-11.
 VGG11_ARCH: tuple[tuple[int, int], ...] = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
@@ -21,8 +21,8 @@ class vgg_block(nn.Module):  # noqa: N801 -- named like the book's function.
 
     num_convs: int
     num_channels: int
-    conv: ModuleDef = common.conv2d
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -44,9 +44,9 @@ class VGG(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
-    conv: ModuleDef = common.conv2d
-    dense: ModuleDef = common.dense
-    max_pool: ModuleDef = common.MaxPool
+    conv: ModuleDef = layers.conv2d
+    dense: ModuleDef = layers.dense
+    max_pool: ModuleDef = layers.MaxPool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -10,7 +10,7 @@ kernels, as the book's `train_ch6` initialises every `nn.Conv2d` and `nn.Linear`
 As in Flax's ImageNet example, a network takes the layers it is built from as
 `ModuleDef` fields (`conv`, `dense`, `norm`, `max_pool`) with these as defaults,
 and binds its `dtype` (the computation dtype; parameters and batch-norm statistics
-stay float32) into them before handing them to its blocks. `cnnjax.ops` swaps in faster versions
+stay float32) into them before handing them to its blocks. `cnnjax.cpu_kernels` swaps in faster versions
 of the same layers when a model is built for training.
 """
 
@@ -82,7 +82,7 @@ class MaxPool(nn.Module):
 
     Padding counts as -inf, so it never wins the max (as in PyTorch). `strides`
     defaults to the window, as in PyTorch. `pool` is the function that computes it,
-    with `flax.linen.max_pool`'s arguments (`cnnjax.ops` passes a faster one).
+    with `flax.linen.max_pool`'s arguments (`cnnjax.cpu_kernels` passes a faster one).
     """
 
     window: int

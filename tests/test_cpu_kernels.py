@@ -1,4 +1,4 @@
-"""The faster layers of `cnnjax.ops` compute what the plain layers compute: values and
+"""The faster layers of `cnnjax.cpu_kernels` compute what the plain layers compute: values and
 both gradients against `lax.conv_general_dilated`, the max pool and its gradient
 against Flax's, and whole networks built with them against the same networks built
 from the plain layers."""
@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cnnjax import models, ops, steps
+from cnnjax import cpu_kernels, models, steps
 from cnnjax.config import TrainConfig
-from cnnjax.layers import BatchNorm as ScratchBatchNorm
-from cnnjax.models.common import batch_norm, conv2d
+from cnnjax.scratch import BatchNorm as ScratchBatchNorm
+from cnnjax.models.layers import batch_norm, conv2d
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -36,7 +36,7 @@ def test_one_channel_conv_matches_xla_convolution_and_its_gradients(kernel_size,
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 6))
     pads = ((padding, padding), (padding, padding))
-    assert_same_values_and_gradients(lambda x, k: ops.one_channel_conv(x, k, pads),
+    assert_same_values_and_gradients(lambda x, k: cpu_kernels.one_channel_conv(x, k, pads),
                                      lambda x, k: xla_conv(x, k, padding=pads), x, kernel)
 
 
@@ -49,7 +49,7 @@ def test_cpu_conv_takes_the_one_channel_path_only_for_one_channel_at_stride_1(
     pads = ((2, 2), (2, 2))
 
     def cpu(x, k):
-        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+        return cpu_kernels.cpu_conv_general_dilated(x, k, (strides, strides), pads,
                                             dimension_numbers=NHWC)
 
     primitives = str(jax.make_jaxpr(cpu)(x, kernel))
@@ -66,7 +66,7 @@ def test_im2col_conv_matches_xla_convolution_and_its_gradients(size, channels, k
     x = jax.random.normal(jax.random.key(0), (3, size, size, channels))
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, channels, 5))
     pads, stride2 = ((padding, padding), (padding, padding)), (strides, strides)
-    assert_same_values_and_gradients(lambda x, k: ops.im2col_conv(x, k, stride2, pads),
+    assert_same_values_and_gradients(lambda x, k: cpu_kernels.im2col_conv(x, k, stride2, pads),
                                      lambda x, k: xla_conv(x, k, stride2, pads), x, kernel)
 
 
@@ -83,7 +83,7 @@ def test_strided_conv_matches_xla_convolution_and_its_gradients(size, kernel_siz
     x = jax.random.normal(jax.random.key(0), (3, size, size, 4))
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 4, 5))
     pads, stride2 = ((padding, padding), (padding + 1, padding)), (strides, strides)
-    assert_same_values_and_gradients(lambda x, k: ops.strided_conv(x, k, stride2, pads),
+    assert_same_values_and_gradients(lambda x, k: cpu_kernels.strided_conv(x, k, stride2, pads),
                                      lambda x, k: xla_conv(x, k, stride2, pads), x, kernel)
 
 
@@ -92,7 +92,7 @@ def test_cpu_conv_takes_the_strided_path_for_strided_convolutions_on_larger_maps
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
 
     def cpu(x, k):
-        return ops.cpu_conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)),
+        return cpu_kernels.cpu_conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)),
                                             dimension_numbers=NHWC)
 
     assert "name=strided_conv" in str(jax.make_jaxpr(cpu)(x, kernel))
@@ -115,7 +115,7 @@ def test_cpu_conv_takes_the_im2col_path_for_1x1_kernels_and_small_outputs(
     pads = ((kernel_size // 2,) * 2,) * 2
 
     def cpu(x, k):
-        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+        return cpu_kernels.cpu_conv_general_dilated(x, k, (strides, strides), pads,
                                             dimension_numbers=NHWC)
 
     primitives = str(jax.make_jaxpr(cpu)(x, kernel))
@@ -131,7 +131,7 @@ def test_cpu_conv_splits_grouped_convolutions_into_one_per_group(size, strides):
     pads = ((1, 1), (1, 1))
 
     def cpu(x, k):
-        return ops.cpu_conv_general_dilated(x, k, (strides, strides), pads,
+        return cpu_kernels.cpu_conv_general_dilated(x, k, (strides, strides), pads,
                                             dimension_numbers=NHWC, feature_group_count=3)
 
     def grouped(x, k):
@@ -157,7 +157,7 @@ def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, str
     args = ((window, window), (strides, strides), ((padding, padding), (padding, padding)))
 
     def fast(x):
-        return ops.max_pool(x, *args)
+        return cpu_kernels.max_pool(x, *args)
 
     def plain(x):
         return nn.max_pool(x, *args)
@@ -178,7 +178,7 @@ def test_max_pool_matches_flax_and_its_gradient_ties_included(shape, window, str
 def test_channel_sums_sum_both_arrays_over_every_axis_but_the_last(shape):
     x = jax.random.normal(jax.random.key(0), shape)
     axes = tuple(range(len(shape) - 1))
-    chex.assert_trees_all_close(ops.channel_sums(x, x * x),
+    chex.assert_trees_all_close(cpu_kernels.channel_sums(x, x * x),
                                 (jnp.sum(x, axis=axes), jnp.sum(x * x, axis=axes)),
                                 atol=1e-4, rtol=1e-5)
 
@@ -200,7 +200,7 @@ def test_batch_norm_train_gradients_include_what_flows_back_from_mean_and_var():
         return jnp.sum(y * w) + jnp.sum(mean * a) + jnp.sum(var * b)
 
     fast = jax.jit(jax.value_and_grad(lambda *args: loss(
-        lambda *v: ops.batch_norm_train(*v, 1e-5), *args), argnums=(0, 1, 2)))
+        lambda *v: cpu_kernels.batch_norm_train(*v, 1e-5), *args), argnums=(0, 1, 2)))
     plain = jax.value_and_grad(lambda *args: loss(reference_batch_norm, *args), argnums=(0, 1, 2))
     chex.assert_trees_all_close(fast(x, scale, bias), plain(x, scale, bias), atol=1e-4, rtol=1e-5)
 
@@ -210,7 +210,7 @@ def test_batch_norm_train_gradients_include_what_flows_back_from_mean_and_var():
 def test_batch_norm_matches_flax_in_both_modes_with_gradients_and_statistics(shape, dtype):
     x = (3 * jax.random.normal(jax.random.key(0), shape) + 1).astype(dtype)
     plain = batch_norm(dtype=dtype)
-    fast = ops.layers_for("cpu")["norm"](dtype=dtype)
+    fast = cpu_kernels.layers_for("cpu")["norm"](dtype=dtype)
     variables = plain.init(jax.random.key(1), x, use_running_average=False)
     chex.assert_trees_all_equal(fast.init(jax.random.key(1), x, use_running_average=False),
                                 variables)  # same names, shapes and starting values
@@ -236,7 +236,7 @@ def test_batch_norm_matches_flax_in_both_modes_with_gradients_and_statistics(sha
 
 
 def test_get_model_applies_only_the_layers_a_network_has_and_does_not_fix():
-    layers = ops.layers_for("cpu")
+    layers = cpu_kernels.layers_for("cpu")
     assert models.get_model("lenet", layers=layers).conv is layers["conv"]  # no max pool, no norm
     assert models.get_model("googlenet", layers=layers).max_pool is layers["max_pool"]
     assert models.get_model("lenet_bn_scratch", layers=layers).norm is ScratchBatchNorm
@@ -256,8 +256,8 @@ def test_networks_take_one_channel_conv_for_a_stride_1_first_layer():
 
 
 def test_layers_for_each_backend():
-    assert set(ops.layers_for("cpu")) == {"conv", "max_pool", "norm"}
-    assert ops.layers_for("gpu") == {} and ops.layers_for("tpu") == {}
+    assert set(cpu_kernels.layers_for("cpu")) == {"conv", "max_pool", "norm"}
+    assert cpu_kernels.layers_for("gpu") == {} and cpu_kernels.layers_for("tpu") == {}
 
 
 # LeNet's first layer is one_channel_conv's case, ResNet-18's last two stages at 32x32
@@ -266,7 +266,7 @@ def test_layers_for_each_backend():
 @pytest.mark.parametrize("name, resize", [("lenet", 28), ("lenet_bn", 28), ("resnet18", 32),
                                           ("regnetx32", 32), ("vgg11", 32)])
 def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
-    plain, fast = models.get_model(name), models.get_model(name, layers=ops.layers_for("cpu"))
+    plain, fast = models.get_model(name), models.get_model(name, layers=cpu_kernels.layers_for("cpu"))
     x = jax.random.uniform(jax.random.key(0), (4, resize, resize, 1))
     variables = plain.init({"params": jax.random.key(1)}, x)
     labels = jnp.arange(4) % 10
@@ -286,7 +286,7 @@ def test_networks_built_with_the_cpu_layers_compute_the_same(name, resize):
 
 
 def test_one_channel_conv_in_bfloat16_sums_in_float32():
-    layer = ops.layers_for("cpu")["conv"](6, 5, padding=2, dtype=jnp.bfloat16)
+    layer = cpu_kernels.layers_for("cpu")["conv"](6, 5, padding=2, dtype=jnp.bfloat16)
     x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
     variables = layer.init(jax.random.key(1), x)
     out = layer.apply(variables, x)

@@ -85,7 +85,7 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
     return Y, moving_mean.detach(), moving_var.detach()
 
 
-class BatchNorm(nn.Module):
+class TorchBatchNorm(nn.Module):
     """The book's `BatchNorm` layer (§7.5.3); `num_dims` is 2 after a dense layer,
     4 after a conv. The moving statistics are buffers (the book keeps them as
     plain tensors and moves them by hand) so `.to(device)` carries them along."""
@@ -110,7 +110,7 @@ def lenet_bn(resize: int = 28, scratch: bool = False) -> nn.Module:
     (§7.5.4, or §7.5.5 with `nn.BatchNorm2d`/`nn.BatchNorm1d`); no padding."""
     def norm(channels: int, num_dims: int) -> nn.Module:
         if scratch:
-            return BatchNorm(channels, num_dims=num_dims)
+            return TorchBatchNorm(channels, num_dims=num_dims)
         return nn.BatchNorm2d(channels) if num_dims == 4 else nn.BatchNorm1d(channels)
 
     n = _out(_out(_out(_out(resize, 5), 2, 2), 5), 2, 2)

@@ -1,4 +1,4 @@
-"""The benchmark's PyTorch zoo (`experiments/torch_models.py`) matches the Flax zoo:
+"""The benchmark's PyTorch zoo (`experiments/torch_reference.py`) matches the Flax zoo:
 same parameter counts, (batch, 10) logits at each recipe's input size."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cnnjax import models  # noqa: E402
 from cnnjax.config import recipe_settings  # noqa: E402
-from experiments import torch_models  # noqa: E402
+from experiments import torch_reference  # noqa: E402
 
 ALL = models.list_models()
 
@@ -30,13 +30,13 @@ def jax_param_count(arch: str, resize: int) -> int:
 @pytest.mark.parametrize("arch", ALL)
 def test_param_count_matches_jax(arch):
     resize = recipe_settings(arch)["resize"]
-    assert torch_models.count_params(torch_models.build(arch)) == jax_param_count(arch, resize)
+    assert torch_reference.count_params(torch_reference.build(arch)) == jax_param_count(arch, resize)
 
 
 @pytest.mark.parametrize("arch", ALL)
 def test_logits_shape_at_recipe_resize(arch):
     resize = recipe_settings(arch)["resize"]
-    model = torch_models.build(arch).eval()
+    model = torch_reference.build(arch).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 1, resize, resize))
     assert logits.shape == (2, 10)
@@ -45,17 +45,17 @@ def test_logits_shape_at_recipe_resize(arch):
 
 @pytest.mark.parametrize("arch, resize", [("lenet", 32), ("alexnet", 96), ("vgg11", 64)])
 def test_flattening_nets_follow_resize(arch, resize):
-    model = torch_models.build(arch, resize=resize)
-    assert torch_models.count_params(model) == jax_param_count(arch, resize)
+    model = torch_reference.build(arch, resize=resize)
+    assert torch_reference.count_params(model) == jax_param_count(arch, resize)
 
 
 def test_unknown_arch_lists_names():
     with pytest.raises(ValueError, match="resnet18"):
-        torch_models.build("resnet50")
+        torch_reference.build("resnet50")
 
 
 def test_time_training_book_smoke():
-    result = torch_models.time_training("lenet", batch_size=4, resize=28, lr=0.9,
+    result = torch_reference.time_training("lenet", batch_size=4, resize=28, lr=0.9,
                                         windows=2, steps_per_window=1, warmup_steps=1)
     assert len(result["window_img_per_s"]) == 2 and result["img_per_s"] > 0
     assert result["flavour"] == "book" and result["compiled"] is False
@@ -65,7 +65,7 @@ def test_time_training_book_smoke():
 def test_time_training_tuned_compiles_and_trains():
     # The GPU flavour (channels-last, bf16 autocast, torch.compile), run on the CPU so
     # that its code path is checked before a GPU run spends device time on it.
-    result = torch_models.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
+    result = torch_reference.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
                                         flavour="tuned", device="cpu", windows=1,
                                         steps_per_window=2, warmup_steps=1)
     assert result["flavour"] == "tuned" and result["compiled"] is True

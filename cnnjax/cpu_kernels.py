@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.models import common
+from cnnjax.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -368,7 +368,9 @@ class BatchNorm(nn.Module):
     scale, bias and initialisers, no `axis_name`), training through
     `batch_norm_train`. Same variables (`scale`, `bias`; `batch_stats` `mean`,
     `var`), same one-pass variance in float32, same outputs, gradients and moving
-    statistics up to the order of sums."""
+    statistics up to the order of sums. It keeps flax's class name because flax names
+    a layer's variables after its class (BatchNorm_0, ...): a network's variables,
+    and so its checkpoints, are the same with either layer set."""
 
     use_running_average: bool | None = None
     momentum: float = 0.99
@@ -402,8 +404,8 @@ def layers_for(backend: str) -> dict[str, Any]:
     pass them to `cnnjax.models.get_model(..., layers=...)`. Empty where the plain
     layers are best."""
     if backend == "cpu":
-        return {"conv": functools.partial(common.conv2d,
+        return {"conv": functools.partial(layers.conv2d,
                                           conv_general_dilated=cpu_conv_general_dilated),
-                "max_pool": functools.partial(common.MaxPool, pool=max_pool),
-                "norm": functools.partial(BatchNorm, **common.BATCH_NORM_SETTINGS)}
+                "max_pool": functools.partial(layers.MaxPool, pool=max_pool),
+                "norm": functools.partial(BatchNorm, **layers.BATCH_NORM_SETTINGS)}
     return {}

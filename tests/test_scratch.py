@@ -1,4 +1,4 @@
-"""Tests for cnnjax.layers: each from-scratch piece against the library op it re-derives."""
+"""Tests for cnnjax.scratch: each from-scratch piece against the library op it re-derives."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from cnnjax import layers
+from cnnjax import scratch
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -35,7 +35,7 @@ class Corr2dTest(chex.TestCase):
     def test_book_example(self):
         X = jnp.arange(9.0).reshape(3, 3)
         K = jnp.array([[0.0, 1.0], [2.0, 3.0]])
-        chex.assert_trees_all_close(layers.corr2d(X, K), jnp.array([[19.0, 25.0], [37.0, 43.0]]))
+        chex.assert_trees_all_close(scratch.corr2d(X, K), jnp.array([[19.0, 25.0], [37.0, 43.0]]))
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(
@@ -47,31 +47,31 @@ class Corr2dTest(chex.TestCase):
         kx, kk = jax.random.split(jax.random.key(0))
         X = jax.random.normal(kx, x_shape)
         K = jax.random.normal(kk, k_shape)  # not symmetric, so a flipped kernel would fail
-        Y = self.variant(layers.corr2d)(X, K)
+        Y = self.variant(scratch.corr2d)(X, K)
         chex.assert_shape(Y, (x_shape[0] - k_shape[0] + 1, x_shape[1] - k_shape[1] + 1))
         chex.assert_trees_all_close(Y, _lax_corr2d(X, K), **TOL)
 
     def test_kernel_larger_than_input_raises(self):
         with pytest.raises(ValueError):
-            layers.corr2d(jnp.ones((3, 3)), jnp.ones((4, 2)))
+            scratch.corr2d(jnp.ones((3, 3)), jnp.ones((4, 2)))
 
 
 class Conv2DTest(chex.TestCase):
     def test_params_and_output_shape(self):
         X = jax.random.normal(jax.random.key(0), (6, 8))
-        variables = layers.Conv2D(kernel_size=(1, 2)).init(jax.random.key(1), X)
+        variables = scratch.Conv2D(kernel_size=(1, 2)).init(jax.random.key(1), X)
         params = variables["params"]
         self.assertEqual(set(variables), {"params"})
         chex.assert_shape(params["weight"], (1, 2))
         chex.assert_trees_all_equal(params["bias"], jnp.zeros((1,)))
         # Uniform on [0, 1) like torch.rand.
         self.assertTrue(bool(jnp.all((params["weight"] >= 0) & (params["weight"] < 1))))
-        Y = layers.Conv2D(kernel_size=(1, 2)).apply(variables, X)
+        Y = scratch.Conv2D(kernel_size=(1, 2)).apply(variables, X)
         chex.assert_shape(Y, (6, 7))
 
     def test_equals_corr2d_with_its_params(self):
         X = jax.random.normal(jax.random.key(0), (5, 7))
-        conv = layers.Conv2D(kernel_size=(3, 2))
+        conv = scratch.Conv2D(kernel_size=(3, 2))
         variables = conv.init(jax.random.key(1), X)
         params = dict(variables["params"], bias=jnp.array([0.7]))  # a non-zero bias too
         Y = conv.apply({"params": params}, X)
@@ -81,9 +81,9 @@ class Conv2DTest(chex.TestCase):
 class Pool2dTest(chex.TestCase):
     def test_book_example(self):
         X = jnp.arange(9.0).reshape(3, 3)
-        chex.assert_trees_all_close(layers.pool2d(X, (2, 2)), jnp.array([[4.0, 5.0], [7.0, 8.0]]))
+        chex.assert_trees_all_close(scratch.pool2d(X, (2, 2)), jnp.array([[4.0, 5.0], [7.0, 8.0]]))
         chex.assert_trees_all_close(
-            layers.pool2d(X, (2, 2), "avg"), jnp.array([[2.0, 3.0], [5.0, 6.0]])
+            scratch.pool2d(X, (2, 2), "avg"), jnp.array([[2.0, 3.0], [5.0, 6.0]])
         )
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -98,12 +98,12 @@ class Pool2dTest(chex.TestCase):
         expected = flax_pool(
             X[None, :, :, None], window_shape=pool_size, strides=(1, 1), padding="VALID"
         )[0, :, :, 0]
-        Y = self.variant(functools.partial(layers.pool2d, pool_size=pool_size, mode=mode))(X)
+        Y = self.variant(functools.partial(scratch.pool2d, pool_size=pool_size, mode=mode))(X)
         chex.assert_trees_all_close(Y, expected, **TOL)
 
     def test_unknown_mode_raises(self):
         with pytest.raises(ValueError):
-            layers.pool2d(jnp.ones((3, 3)), (2, 2), mode="min")
+            scratch.pool2d(jnp.ones((3, 3)), (2, 2), mode="min")
 
 
 class ConvOutputSizeTest(chex.TestCase):
@@ -131,8 +131,8 @@ class ConvOutputSizeTest(chex.TestCase):
                     for s in range(1, 4):
                         expected = self._lax_output_shape(n, n + 1, k, p, s)
                         got = (
-                            layers.conv_output_size(n, k, p, s),
-                            layers.conv_output_size(n + 1, k, p, s),
+                            scratch.conv_output_size(n, k, p, s),
+                            scratch.conv_output_size(n + 1, k, p, s),
                         )
                         self.assertEqual(got, expected, msg=f"n={n} k={k} p={p} s={s}")
                         checked += 1
@@ -145,14 +145,14 @@ class ConvOutputSizeTest(chex.TestCase):
         Y = jax.lax.conv_general_dilated(
             x, kernel, (s, s), [(p // 2, p - p // 2)] * 2, dimension_numbers=DIMENSION_NUMBERS
         )
-        size = layers.conv_output_size(n, k, p, s)
+        size = scratch.conv_output_size(n, k, p, s)
         chex.assert_shape(Y, (1, size, size, 1))
 
     def test_invalid_arguments_raise(self):
         with pytest.raises(ValueError):
-            layers.conv_output_size(5, 3, 0, 0)
+            scratch.conv_output_size(5, 3, 0, 0)
         with pytest.raises(ValueError):
-            layers.conv_output_size(3, 6, 2, 1)
+            scratch.conv_output_size(3, 6, 2, 1)
 
 
 def _random_stats(key: jax.Array, c: int) -> tuple[jax.Array, ...]:
@@ -180,7 +180,7 @@ class BatchNormFunctionTest(chex.TestCase):
         X = X.at[..., 0].multiply(0.01)
         gamma, beta, moving_mean, moving_var = _random_stats(ks, shape[-1])
 
-        fn = functools.partial(layers.batch_norm, eps=1e-5, momentum=0.9, train=train)
+        fn = functools.partial(scratch.batch_norm, eps=1e-5, momentum=0.9, train=train)
         Y, new_mean, new_var = self.variant(fn)(X, gamma, beta, moving_mean, moving_var)
 
         expected_Y, updates = _flax_bn().apply(
@@ -202,13 +202,13 @@ class BatchNormFunctionTest(chex.TestCase):
         c = 3
         args = _random_stats(jax.random.key(0), c)
         with pytest.raises(AssertionError):
-            layers.batch_norm(jnp.ones((4, 5, c)), *args, eps=1e-5, momentum=0.9, train=True)
+            scratch.batch_norm(jnp.ones((4, 5, c)), *args, eps=1e-5, momentum=0.9, train=True)
 
 
 class BatchNormModuleTest(chex.TestCase):
     @parameterized.parameters((8, 3), (4, 5, 5, 3))
     def test_matches_flax_batchnorm(self, *shape):
-        ours, ref = layers.BatchNorm(), _flax_bn()
+        ours, ref = scratch.BatchNorm(), _flax_bn()
         keys = jax.random.split(jax.random.key(0), 6)
         x0 = 3.0 * jax.random.normal(keys[0], shape) + 5.0
 
@@ -251,7 +251,7 @@ class BatchNormModuleTest(chex.TestCase):
     @parameterized.parameters((8, 3), (2, 4, 4, 6))
     def test_variable_count_matches_flax(self, *shape):
         x = jnp.ones(shape)
-        ours = layers.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+        ours = scratch.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
         ref = _flax_bn().init(jax.random.key(0), x, use_running_average=False)
         for collection in ("params", "batch_stats"):
             count = sum(a.size for a in jax.tree_util.tree_leaves(ours[collection]))
@@ -263,20 +263,20 @@ class BatchNormModuleTest(chex.TestCase):
 
     def test_use_running_average_from_constructor_or_call(self):
         x = jax.random.normal(jax.random.key(0), (4, 3))
-        variables = layers.BatchNorm().init(jax.random.key(1), x, use_running_average=False)
-        y_field = layers.BatchNorm(use_running_average=True).apply(variables, x)
-        y_call = layers.BatchNorm().apply(variables, x, use_running_average=True)
+        variables = scratch.BatchNorm().init(jax.random.key(1), x, use_running_average=False)
+        y_field = scratch.BatchNorm(use_running_average=True).apply(variables, x)
+        y_call = scratch.BatchNorm().apply(variables, x, use_running_average=True)
         chex.assert_trees_all_equal(y_field, y_call)
         with pytest.raises(ValueError):
-            layers.BatchNorm().apply(variables, x)
+            scratch.BatchNorm().apply(variables, x)
         with pytest.raises(ValueError):
-            layers.BatchNorm(use_running_average=True).apply(
+            scratch.BatchNorm(use_running_average=True).apply(
                 variables, x, use_running_average=True
             )
 
     def test_jitted_train_step_matches_eager(self):
         x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
-        bn = layers.BatchNorm()
+        bn = scratch.BatchNorm()
         variables = bn.init(jax.random.key(1), x, use_running_average=False)
 
         def step(v, x):
