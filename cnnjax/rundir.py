@@ -91,10 +91,9 @@ class RunDir:
                               "with --resume, replace it with --force, or pick another --out")
 
     @classmethod
-    def create(cls, path: str | os.PathLike, config: TrainConfig,
-               force: bool = False) -> RunDir:
-        """A new run of `config` in `path` (replacing what is there if `force`)."""
-        cls.check_new(path, force)
+    def create(cls, path: str | os.PathLike, config: TrainConfig) -> RunDir:
+        """A new run of `config` in `path`, replacing what is there (`check_new` says
+        whether that may be done)."""
         run_dir = cls(path)
         try:
             if run_dir.path.is_dir():
@@ -125,7 +124,7 @@ class RunDir:
     def resume_config(self, given: dict[str, Any] | None = None) -> TrainConfig:
         """The settings to continue this run with: its own, where `given` (settings
         named on the command line) may only raise `epochs`; any other difference
-        raises RunDirError, naming each, as does a run with no checkpoint."""
+        raises RunDirError, naming each."""
         saved = self.config()
         given = {k: v for k, v in (given or {}).items() if v is not None}
         differ = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})"
@@ -134,7 +133,6 @@ class RunDir:
             raise RunDirError(f"--resume {self.path} continues a run with other settings: "
                               f"{'; '.join(differ)}; drop those flags, or start a new run "
                               "with a new --out")
-        self.check_resumable()
         return saved.replace(epochs=given.get("epochs", saved.epochs))
 
     def info(self) -> dict[str, Any]:

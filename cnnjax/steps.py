@@ -1,8 +1,9 @@
-"""The train and eval steps of the book's `train_ch6`, as pure jitted JAX functions.
+"""The train and eval steps of the book's `train_ch6`, as pure JAX functions to jit.
 
 `train_ch6` trains with plain SGD on softmax cross-entropy, accumulates the loss and
 accuracy over each epoch, then measures test accuracy with the moving batch-norm
-statistics. Here the same happens in two jitted steps over a small `TrainState`:
+statistics. Here the same happens in two steps over a small `TrainState`, which
+`cnnjax.prepared.Prepared` jits and compiles for each run:
 
 - `train_step` picks its batch from this epoch's shuffled index table (row
   `step % num_batches`), gathers it from the whole training set (kept on the device
@@ -21,7 +22,6 @@ and step `s` drops out (and, with augmentation, crops and flips) with keys from
 
 The optimizer and schedule follow `TrainConfig` (`cnnjax.config`): the book's plain
 SGD at a constant lr, or momentum, weight decay and a cosine schedule with warm-up.
-`cnnjax.train` runs these steps for a whole run.
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ def zero_totals() -> Totals:
             "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "augment"),
-                   donate_argnames=("state", "totals"))
 def train_step(state: TrainState, totals: Totals, images: jax.Array, labels: jax.Array,
                batches: jax.Array, rng_key: jax.Array, resize: int, augment: bool = False
                ) -> tuple[TrainState, Totals]:
@@ -175,7 +173,6 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: 
     return jnp.sum((jnp.argmax(logits, -1) == labels[indices]) & mask)
 
 
-@functools.partial(jax.jit, static_argnames=("resize",))
 def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array,
              masks: jax.Array, resize: int) -> jax.Array:
     """Correct predictions over all test batches (`batches`, `masks`: (num_batches,

@@ -3,6 +3,7 @@
     python -m experiments.bench                           # every network, its recipe
     python -m experiments.bench --arch lenet_bn resnet18 --torch
     python -m experiments.bench --arch resnet18 --batch-size 256 --dtype bfloat16 --torch
+    python -m experiments.bench --arch lenet_bn googlenet --both-layer-sets   # on a CPU
 
 For each network, at its recipe's input size and batch size unless overridden:
 steady-state training images/sec (compilation excluded; the median of --windows
@@ -14,11 +15,14 @@ same network, recipe and input size (experiments/torch_reference.py) is timed in
 same run, in a child process of its own (so that it runs as its users run it, not
 with the settings `cnnjax.runtime.configure()` gives this process): the book's eager
 loop that resizes on the CPU, and on a GPU also a tuned one (channels-last, bf16
-autocast, torch.compile). Their timed windows alternate with JAX's, so that a
-machine whose speed drifts slows both alike.
+autocast, torch.compile). With --both-layer-sets, the same step built from the plain
+layers (--no-cpu-kernels) is timed too. All timed windows alternate, so that a
+machine whose speed drifts slows each alike.
 
-Prints one JSON line per network (arch, jax_img_per_s, ..., and with --torch
-torch_img_per_s and ratio = jax / torch), then a Markdown table. --jsonl FILE
+Prints one JSON line per network (arch, jax_img_per_s, ..., the layer set and the
+start-up settings of cnnjax.runtime; with --torch torch_img_per_s and ratio = jax /
+torch; with --both-layer-sets jax_plain_img_per_s and kernels_speedup = jax /
+plain), then a Markdown table. --jsonl FILE
 also appends the lines to FILE. Ctrl-C or SIGTERM stops it with one line (exit 130
 or 143); the rows measured before it stay in FILE.
 """
@@ -30,7 +34,6 @@ import functools
 import importlib.util
 import json
 import multiprocessing
-import os
 import signal
 import statistics
 import sys
@@ -42,14 +45,12 @@ import numpy as np
 
 from cnnjax import data, models, runtime
 from cnnjax.config import TrainConfig
-from cnnjax.steps import train_step
-from cnnjax.train import Prepared, describe_device
+from cnnjax.prepared import Prepared, SettingsError, check_settings, describe_device
+from cnnjax.steps import layer_set, train_step
 from experiments.cli import (
     ArgumentParser,
     UsageError,
     add_config_flags,
-    check_devices,
-    check_resize,
     config_overrides,
     fail,
     parser_for,
@@ -87,6 +88,10 @@ def build_parser() -> ArgumentParser:
                         help="run K training steps per call to the device, in a "
                              "lax.scan, unrolled (default 1: one call per step, as training "
                              "does)")
+    parser.add_argument("--both-layer-sets", action="store_true",
+                        help="also time each step built from the plain layers "
+                             "(--no-cpu-kernels), windows alternating, and report the CPU "
+                             "kernels' speed-up over them (on a GPU or TPU both are plain)")
     parser.add_argument("--torch", nargs="*", choices=("book", "tuned"), metavar="FLAVOUR",
                         help="also time the PyTorch version in the same run (needs torch): "
                              "book (the book's eager float32 loop) and, on a GPU, tuned "
@@ -119,7 +124,7 @@ def load_data(data_dir: str | None, max_train: int | None = None, max_test: int 
 
 def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int = 1
               ) -> tuple[Callable[[int], float], dict]:
-    """`cnnjax.train`'s compiled train step, as training runs it (same arrays, same
+    """`cnnjax.prepared.Prepared`'s compiled train step, as training runs it (same arrays, same
     dispatch), compiled and warmed up: returns `window` and `info`. `window(steps)`
     runs `steps` steps and returns their images per second, timed between device
     syncs; `info` holds the compile time, the FLOPs of one step and the devices.
@@ -138,7 +143,7 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
                 return train_step(*carry, images, labels, batches, rng_key,
                                   resize=config.resize, augment=config.augment), None
 
-            # Unrolled: XLA:CPU ran the rolled loop's body 4x slower (docs/benchmarks.md).
+            # Unrolled: the K steps as one straight program, as K calls would run them.
             return jax.lax.scan(one_step, (state, totals), length=steps_per_dispatch,
                                 unroll=True)[0]
 
@@ -170,9 +175,9 @@ def jax_timer(config, dataset, num_devices: int | None, steps_per_dispatch: int 
 
 def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitStack
                  ) -> dict[str, tuple]:
-    """PyTorch's timers (`torch_reference.training_timer`) for `flavours` ([] means book,
+    """PyTorch's timers (`bench_torch.training_timer`) for `flavours` ([] means book,
     and tuned on a GPU), keyed "torch" (book) and "torch_tuned", as (window, info)
-    like `jax_timer`'s. They run in a child process (`torch_reference.serve_timers`),
+    like `jax_timer`'s. They run in a child process (`bench_torch.serve_timers`),
     which `stack` ends; each window is one request to it through a pipe. PyTorch is
     imported there only."""
     settings = dict(batch_size=config.batch_size, resize=config.resize, lr=config.lr,
@@ -208,10 +213,10 @@ def torch_timers(config, dataset, flavours: list[str], stack: contextlib.ExitSta
 
 
 def _serve_torch_timers(*args, **kwargs) -> None:
-    """The body of PyTorch's timing process: `torch_reference.serve_timers`."""
-    from experiments import torch_reference
+    """The body of PyTorch's timing process: `bench_torch.serve_timers`."""
+    from experiments import bench_torch
 
-    torch_reference.serve_timers(*args, **kwargs)
+    bench_torch.serve_timers(*args, **kwargs)
 
 
 def _stopper(child, conn) -> Callable:
@@ -261,12 +266,17 @@ def time_interleaved(windows: dict[str, Callable[[int], float]], rounds: int,
 
 
 def measure(config, dataset, num_devices: int | None, windows: int, steps: int,
-            steps_per_dispatch: int = 1, torch_flavours: list[str] | None = None) -> dict:
+            steps_per_dispatch: int = 1, torch_flavours: list[str] | None = None,
+            both_layer_sets: bool = False) -> dict:
     """One bench row's measurements for `config`: JAX's images/sec (the median of
-    `windows` windows of `steps` steps) with its compile time, FLOPs and MFU, and
-    with `torch_flavours` (not None) PyTorch's, their windows interleaved."""
+    `windows` windows of `steps` steps) with its compile time, FLOPs and MFU; with
+    `both_layer_sets`, the same step built from the plain layers too; with
+    `torch_flavours` (not None) PyTorch's. Their windows are interleaved."""
     with contextlib.ExitStack() as stack:
         timers = {"jax": jax_timer(config, dataset, num_devices, steps_per_dispatch)}
+        if both_layer_sets:
+            timers["jax_plain"] = jax_timer(config.replace(cpu_kernels=False), dataset,
+                                            num_devices, steps_per_dispatch)
         if torch_flavours is not None:
             timers.update(torch_timers(config, dataset, torch_flavours, stack))
         rates = time_interleaved({name: w for name, (w, _) in timers.items()}, windows,
@@ -275,6 +285,11 @@ def measure(config, dataset, num_devices: int | None, windows: int, steps: int,
     img_per_s = statistics.median(rates["jax"])
     row = {"jax_img_per_s": round(img_per_s, 1),
            "jax_window_img_per_s": [round(r, 1) for r in rates["jax"]], **info}
+    if "jax_plain" in timers:
+        row.update(jax_plain_img_per_s=round(statistics.median(rates["jax_plain"]), 1),
+                   jax_plain_window_img_per_s=[round(r, 1) for r in rates["jax_plain"]],
+                   plain_compile_s=timers["jax_plain"][1]["compile_s"])
+        row["kernels_speedup"] = round(img_per_s / row["jax_plain_img_per_s"], 3)
     peak = peak_flops(jax.devices()[0].device_kind)
     if peak and info["flops_per_step"]:
         steps_per_s = img_per_s / config.batch_size
@@ -300,8 +315,10 @@ def markdown_table(rows: list[dict]) -> str:
     has_torch = any("torch_img_per_s" in r for r in rows)
     has_tuned = any("torch_tuned_img_per_s" in r for r in rows)
     has_mfu = any("mfu" in r for r in rows)
+    has_plain = any("jax_plain_img_per_s" in r for r in rows)
     head = ["arch", "batch", "input", "dtype", "devices", "JAX img/s", "compile s", "GFLOP/step"]
     head += ["MFU"] if has_mfu else []
+    head += ["plain layers img/s", "CPU kernels / plain"] if has_plain else []
     head += ["PyTorch img/s", "JAX / PyTorch"] if has_torch else []
     head += ["tuned PyTorch img/s", "JAX / tuned"] if has_tuned else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -310,6 +327,9 @@ def markdown_table(rows: list[dict]) -> str:
                  str(r["device_count"]), f"{r['jax_img_per_s']:,.0f}", f"{r['compile_s']:.1f}",
                  f"{r['flops_per_step'] / 1e9:,.1f}"]
         cells += [f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"] if has_mfu else []
+        if has_plain:
+            cells += ([f"{r['jax_plain_img_per_s']:,.0f}", f"{r['kernels_speedup']:.2f}x"]
+                      if "jax_plain_img_per_s" in r else ["-", "-"])
         if has_torch:
             cells += ([f"{r['torch_img_per_s']:,.0f}", f"{r['ratio']:.2f}x"]
                       if "torch_img_per_s" in r else ["-", "-"])
@@ -324,9 +344,9 @@ def bench_row(config: TrainConfig, dataset, source: str, args) -> dict:
     """Measure `config` (`measure`), print its JSON line and append it to --jsonl."""
     row = {"arch": config.arch, "batch_size": config.batch_size, "resize": config.resize,
            "dtype": config.dtype, "data": source, "date": time.strftime("%Y-%m-%d"),
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "layers": layer_set(config), "runtime": runtime.settings()}
     row.update(measure(config, dataset, args.devices, args.windows, args.steps,
-                       args.steps_per_dispatch, args.torch))
+                       args.steps_per_dispatch, args.torch, args.both_layer_sets))
     if args.steps_per_dispatch > 1:
         row["steps_per_dispatch"] = args.steps_per_dispatch
     line = json.dumps(row)
@@ -351,18 +371,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--torch needs PyTorch: pip install torch")
         runtime.configure()
 
-        configs = []
-        for arch in archs:
-            overrides = {"epochs": 1, **config_overrides(args, exclude=("arch",))}
-            config = TrainConfig.from_recipe(arch, overrides.pop("recipe", "classic"),
-                                             **overrides)
-            check_devices(config.batch_size, args.devices)
-            check_resize(arch, config.resize)
-            configs.append(config)
-    except UsageError as err:
+        overrides = {"epochs": 1, **config_overrides(args, exclude=("arch",))}
+        recipe = overrides.pop("recipe", "classic")
+        configs = [TrainConfig.from_recipe(arch, recipe, **overrides) for arch in archs]
+        dataset, source = load_data(args.data_dir, args.max_train, args.max_test)
+        for config in configs:
+            check_settings(config, len(dataset.train_labels), args.devices)
+    except (UsageError, SettingsError) as err:
         return fail(prog, str(err))
-
-    dataset, source = load_data(args.data_dir, args.max_train, args.max_test)
     if source == "random":
         print("no Fashion-MNIST found: timing on random images of the same shape",
               file=sys.stderr)

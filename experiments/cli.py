@@ -13,13 +13,14 @@ from typing import Any
 
 import jax
 
-from cnnjax import config, models
+from cnnjax import config
 from cnnjax.checkpoint import CheckpointError, DiskFull
 from cnnjax.config import TrainConfig
 from cnnjax.data import DataUnavailableError
+from cnnjax.interrupts import Diverged, Interrupted
 from cnnjax.parallel import PrimaryFailed
+from cnnjax.prepared import SettingsError
 from cnnjax.rundir import RunDirError
-from cnnjax.train import Diverged, Interrupted
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # the training loss stopped being finite
@@ -66,7 +67,7 @@ def failure(prog: str, err: BaseException, config: TrainConfig | None = None) ->
     if isinstance(err, PrimaryFailed):
         return fail(prog, f"process {jax.process_index()}: {err}")
     if isinstance(err, (DataUnavailableError, RunDirError, CheckpointError, DiskFull,
-                        UsageError)):
+                        SettingsError, UsageError)):
         return fail(prog, str(err))
     if "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err):
         what = (f"training {config.arch} with --batch-size {config.batch_size} at "
@@ -160,28 +161,3 @@ def config_overrides(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     """The settings given on the command line (flags from `add_config_flags`)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if f.name not in exclude and getattr(args, f.name, None) is not None}
-
-
-# --- checks that need the models ---------------------------------------------------------------
-
-def check_resize(arch: str, resize: int) -> None:
-    """The network must leave every layer a non-empty output at `resize` x `resize`."""
-    if not models.accepts_input(arch, resize):
-        smallest = models.min_input_size(arch)
-        raise UsageError(f"--resize {resize} is too small for {arch}: its layers need at "
-                         f"least {smallest}x{smallest} inputs (the book uses "
-                         f"{config.recipe_settings(arch)['resize']})")
-
-
-def check_devices(batch_size: int, devices: int | None) -> None:
-    """`--devices` must exist, and the global batch must split evenly over them."""
-    available = jax.device_count()
-    if devices is not None and devices > available:
-        raise UsageError(f"--devices {devices}: there are only {available} "
-                         f"{jax.default_backend()} devices here")
-    num_devices = devices or available
-    if batch_size % num_devices:
-        multiple = -(-batch_size // num_devices) * num_devices
-        raise UsageError(f"--batch-size {batch_size} is not divisible by the {num_devices} "
-                         f"devices it is split over; use a multiple of {num_devices} "
-                         f"(e.g. {multiple}) or choose --devices")

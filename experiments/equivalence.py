@@ -78,7 +78,8 @@ from flax import traverse_util
 from cnnjax import convert, models, runtime
 from cnnjax.config import TrainConfig
 from cnnjax.steps import build_model, make_optimizer
-from experiments.cli import UsageError, check_resize, fail, parser_for, positive_int
+from cnnjax.prepared import SettingsError, check_input_size
+from experiments.cli import UsageError, fail, parser_for, positive_int
 
 try:
     import torch
@@ -417,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--batch-size must be at least 2 (batch norm's unbiased "
                              "variance divides by batch x height x width - 1)")
         for arch in archs if args.resize else ():
-            check_resize(arch, args.resize)
-    except UsageError as err:
+            check_input_size(arch, args.resize)
+    except (UsageError, SettingsError) as err:
         return fail(prog, str(err))
     runtime.configure()
     torch.set_num_threads(1)

@@ -35,15 +35,15 @@ import jax
 from cnnjax import convert, models, runtime
 from cnnjax.config import TrainConfig
 from cnnjax.data import eval_batch_indices, load_fashion_mnist
-from cnnjax.parallel import is_primary, primary_first
+from cnnjax.interrupts import Interrupted
+from cnnjax.parallel import is_primary
+from cnnjax.prepared import SettingsError, check_input_size
 from cnnjax.rundir import RunDir, RunDirError
 from cnnjax.steps import TrainState, build_model, evaluate, make_optimizer
-from cnnjax.train import Interrupted, book_summary, train_and_evaluate
+from cnnjax.train import book_summary, train_and_evaluate
 from experiments.cli import (
     UsageError,
     add_config_flags,
-    check_devices,
-    check_resize,
     command_line,
     config_overrides,
     fail,
@@ -52,9 +52,6 @@ from experiments.cli import (
     parser_for,
     positive_int,
 )
-
-FULL_TRAIN_SIZE = 60_000
-
 
 def build_parser():
     parser = parser_for("experiments.run", __doc__)
@@ -103,21 +100,6 @@ def resolve_config(args) -> TrainConfig:
     return TrainConfig.from_recipe(given.pop("arch"), given.pop("recipe", "classic"), **given)
 
 
-def validate(config: TrainConfig, args) -> None:
-    """The checks that need no data, before anything is written."""
-    check_devices(config.batch_size, args.devices)
-    if jax.process_count() > 1 and not (args.out or args.resume):
-        raise UsageError(f"--out is required when training on {jax.process_count()} hosts: "
-                         "a directory that every host sees (a shared file system)")
-    available = min(config.max_train or FULL_TRAIN_SIZE, FULL_TRAIN_SIZE)
-    if config.batch_size > available:
-        raise UsageError(f"--batch-size {config.batch_size} is larger than the {available} "
-                         "training examples; use a smaller --batch-size or a larger --max-train")
-    check_resize(config.arch, config.resize)
-    if not args.resume:
-        RunDir.check_new(args.out, args.force)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -127,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.arch is None:
                 raise UsageError("--summary needs --arch")
             resize = args.resize or TrainConfig.from_recipe(args.arch).resize
-            check_resize(args.arch, resize)
+            check_input_size(args.arch, resize)
             print(models.summary(args.arch, resize))
             return 0
         runtime.configure()  # before anything starts JAX's devices
@@ -135,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(args)
         if args.eval_only or args.torch_weights:
             return evaluate_torch_weights(config, args, prog)
+        if jax.process_count() > 1 and not (args.out or args.resume):
+            raise UsageError(f"--out is required when training on {jax.process_count()} "
+                             "hosts: a directory that every host sees (a shared file system)")
         if not args.resume:
             args.out = args.out or f"runs/{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        validate(config, args)
-    except (UsageError, RunDirError) as err:
+    except (UsageError, RunDirError, SettingsError) as err:
         return fail(prog, str(err))
     return train(config, args, prog, command_line("experiments.run", argv))
 
@@ -149,7 +133,7 @@ def evaluate_torch_weights(config: TrainConfig, args, prog: str) -> int:
     if not (args.eval_only and args.torch_weights) or args.resume:
         raise UsageError("--eval-only --torch-weights FILE (without --resume) evaluates "
                          "the PyTorch weights in FILE; give both flags")
-    check_resize(config.arch, config.resize)
+    check_input_size(config.arch, config.resize)
     try:
         import torch
     except ImportError:
@@ -178,8 +162,9 @@ def evaluate_torch_weights(config: TrainConfig, args, prog: str) -> int:
                                   params=variables["params"],
                                   batch_stats=variables["batch_stats"])
         batches, masks = eval_batch_indices(len(data.test_labels), config.batch_size)
-        correct = int(evaluate(state, data.test_images, data.test_labels, batches, masks,
-                               resize=config.resize))
+        evaluate_all = jax.jit(evaluate, static_argnames="resize")
+        correct = int(evaluate_all(state, data.test_images, data.test_labels, batches, masks,
+                                   resize=config.resize))
     except Exception as err:  # noqa: BLE001 -- what evaluating can end with is one line
         code = failure(prog, err, config)
         if code is None:
@@ -194,15 +179,11 @@ def evaluate_torch_weights(config: TrainConfig, args, prog: str) -> int:
 
 def train(config: TrainConfig, args, prog: str, command: str) -> int:
     out = args.resume or args.out
-    progress = False if args.no_progress else None
     try:
-        # With several hosts, process 0 prepares the data set while the others wait.
-        data = primary_first(lambda: load_fashion_mnist(
-            args.data_dir, max_train=config.max_train, max_test=config.max_test,
-            progress=progress))
         metrics = train_and_evaluate(
-            config, out, data=data, resume=bool(args.resume), force=args.force,
-            num_devices=args.devices, command=command, progress=progress)
+            config, out, data_dir=args.data_dir, resume=bool(args.resume), force=args.force,
+            num_devices=args.devices, command=command,
+            progress=False if args.no_progress else None)
     except (Interrupted, KeyboardInterrupt) as err:
         then = (f"Its results are in {out}." if getattr(err, "finished", False)
                 else f"Resume with: python -m experiments.run --resume {out}")

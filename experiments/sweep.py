@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,15 @@ import jax
 from cnnjax import runtime
 from cnnjax.config import TrainConfig
 from cnnjax.data import FashionMNIST, load_fashion_mnist
+from cnnjax.interrupts import Diverged, Interrupted
+from cnnjax.prepared import check_input_size
 from cnnjax.rundir import RunDir, RunDirError, write_json
-from cnnjax.train import Diverged, Interrupted, train_and_evaluate
+from cnnjax.train import train_and_evaluate
 from experiments.cli import (
     EXIT_DIVERGED,
     ArgumentParser,
     UsageError,
     add_config_flags,
-    check_resize,
     command_line,
     config_overrides,
     fail,
@@ -154,8 +156,11 @@ class Sweep(abc.ABC):
         try:
             self.validate(args)
             runs = self.runs(args, config_overrides(args, exclude=self.own_settings))
+            # Each run checks all its settings as it starts; the input sizes, which
+            # flags such as --resize change for every run, are checked for all runs
+            # here, so that a bad flag fails before hours of training, not after.
             for run in runs:
-                check_resize(run.config.arch, run.config.resize)
+                check_input_size(run.config.arch, run.config.resize)
         except (UsageError, ValueError) as err:
             return fail(prog, str(err))
 
@@ -208,7 +213,7 @@ class Sweep(abc.ABC):
             return
         resume = continue_ and same and run_dir.has_checkpoint()
         if not resume:
-            run_dir = RunDir.create(path, run.config, force=True)
+            run_dir = RunDir.create(path, run.config)
         train_and_evaluate(run.config, run_dir, data=load(run.config), resume=resume,
                            command=command, keep_checkpoints=False, progress=None)
 
@@ -244,12 +249,31 @@ def subset(config: TrainConfig) -> str:
     return f", {config.max_train or 'all'} train / {config.max_test or 'all'} test images"
 
 
+# Flags whose values are paths of the machine that ran a command.
+MACHINE_PATHS = ("--out", "--data-dir")
+
+
+def as_typed(command: str) -> str:
+    """`command` as a user would type it anywhere: without the flags that name paths
+    of the machine that ran it (the defaults then apply)."""
+    words, typed = shlex.split(command), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in MACHINE_PATHS:
+            skip = True
+        elif not word.startswith(tuple(f"{flag}=" for flag in MACHINE_PATHS)):
+            typed.append(word)
+    return shlex.join(typed)
+
+
 def header(title: str, runs: list[RunRecord]) -> list[str]:
     """A report's title and where its runs come from (devices, dates, commands)."""
     devices = sorted({r.metrics["device"] if r.metrics else r.info.get("device", "?")
                       for r in runs})
     dates = sorted({r.date for r in runs})
-    commands = sorted({r.info.get("command", "?") for r in runs})
+    commands = sorted({as_typed(r.info.get("command", "?")) for r in runs})
     return [f"# {title} on {', '.join(devices) or 'no device yet'}", "",
             f"- dates: {', '.join(dates)}",
             "- commands: " + "; ".join(f"`{c}`" for c in commands)]

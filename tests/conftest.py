@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # has got to by then, and a fast machine may have queued a whole epoch).
 SIGNAL_AT_STEP = textwrap.dedent("""
     import os, runpy, sys
-    from cnnjax import train
+    from cnnjax import prepared
 
     sig, at, module = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    train_step, calls = train.Prepared.train_step, [0]
+    train_step, calls = prepared.Prepared.train_step, [0]
 
     def signalling_train_step(self, *args):
         calls[0] += 1
@@ -40,7 +40,7 @@ SIGNAL_AT_STEP = textwrap.dedent("""
             os.kill(os.getpid(), sig)
         return train_step(self, *args)
 
-    train.Prepared.train_step = signalling_train_step
+    prepared.Prepared.train_step = signalling_train_step
     sys.argv = [module, *sys.argv[4:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 """)

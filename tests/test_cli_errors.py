@@ -34,10 +34,6 @@ BAD_INPUTS = [
     (["--arch", "lenet", "--batch-size", "nan"], "--batch-size: expected a whole number > 0"),
     (["--arch", "lenet", "--max-train", "0"], "--max-train: expected a whole number > 0"),
     (["--arch", "lenet", "--max-test", "-1"], "--max-test: expected a whole number > 0"),
-    (["--arch", "lenet", "--max-train", "100"],
-     "--batch-size 256 is larger than the 100 training examples"),
-    (["--arch", "alexnet", "--resize", "28"],
-     "--resize 28 is too small for alexnet: its layers need at least 65x65"),
     (["--arch", "densenet", "--resize", "28", "--summary"],
      "--resize 28 is too small for densenet: its layers need at least 29x29"),
     (["--arch", "lenet", "--recipe", "fast"], "--recipe: expected one of classic, modern"),
@@ -70,6 +66,26 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert not out.exists()
 
 
+# Settings that do not fit the data or the network: found once the data is loaded,
+# before anything is written.
+MISFITS = [
+    (["--arch", "lenet", "--max-train", "100"],
+     "--batch-size 256 is larger than the 100 training examples"),
+    (["--arch", "alexnet", "--resize", "28"],
+     "--resize 28 is too small for alexnet: its layers need at least 65x65"),
+]
+
+
+@pytest.mark.parametrize("args, message", MISFITS, ids=[" ".join(a) for a, _ in MISFITS])
+def test_settings_that_do_not_fit_are_one_line_and_exit_2(args, message, fashion_mnist_dir,
+                                                          tmp_path, capsys):
+    code, stderr = run_main([*args, "--out", str(tmp_path / "out"), "--data-dir",
+                             fashion_mnist_dir], capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     # The same path as above, end to end in a fresh process.
     proc = run_cli("--arch", "lenet", "--lr", "0", "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -96,7 +112,7 @@ def test_out_that_cannot_be_written(tmp_path, fashion_mnist_dir, capsys):
     assert code == 2 and "cannot be written" in stderr
 
 
-def test_resume_errors(tmp_path, capsys):
+def test_resume_errors(tmp_path, fashion_mnist_dir, capsys):
     code, stderr = run_main(["--resume", str(tmp_path / "missing")], capsys)
     assert code == 2 and "no such directory" in stderr
     code, stderr = run_main(["--resume", str(tmp_path)], capsys)
@@ -113,7 +129,7 @@ def test_resume_errors(tmp_path, capsys):
     assert "--lr 0.5 (the run has 1.0)" in stderr
 
     # A run whose checkpoints are gone cannot continue; starting over is the way out.
-    code, stderr = run_main(["--resume", str(run)], capsys)
+    code, stderr = run_main(["--resume", str(run), "--data-dir", fashion_mnist_dir], capsys)
     assert code == 2
     (line,) = stderr.strip().splitlines()
     assert "there is no checkpoint to resume from" in line
@@ -125,13 +141,13 @@ def test_resume_errors(tmp_path, capsys):
 
 
 def test_missing_dataset_is_one_line(monkeypatch, capsys, tmp_path):
-    from cnnjax import data
+    from cnnjax import data, train
     from experiments import run
 
     def unavailable(*args, **kwargs):
         raise data.DataUnavailableError("Fashion-MNIST is not prepared ...: install Debian's copy")
 
-    monkeypatch.setattr(run, "load_fashion_mnist", unavailable)
+    monkeypatch.setattr(train, "load_fashion_mnist", unavailable)
     code = run.main(["--arch", "lenet", "--out", str(tmp_path / "out")])
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

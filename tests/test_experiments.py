@@ -55,9 +55,23 @@ def test_bench_prints_a_json_line_and_a_table(fashion_mnist_dir, tmp_path):
     assert row["arch"] == "lenet" and row["batch_size"] == 32 and row["resize"] == 28
     assert row["jax_img_per_s"] > 0 and len(row["jax_window_img_per_s"]) == 2
     assert row["flops_per_step"] > 1e6 and row["compile_s"] > 0 and row["data"] == "fashion_mnist"
-    assert row["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # what the step was compiled with
+    # What the step was compiled with: the layer set and the start-up settings.
+    assert row["layers"] == "cpu_kernels"
+    assert row["runtime"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     assert json.loads(jsonl.read_text()) == row
     assert "| lenet | 32 | 28x28 | float32 | 1 |" in proc.stdout
+
+
+def test_bench_times_both_layer_sets_side_by_side(fashion_mnist_dir):
+    proc = run_main("experiments.bench", "--arch", "lenet_bn", "--batch-size", "32",
+                    "--max-train", "256", "--max-test", "32", "--windows", "2",
+                    "--steps", "1", "--data-dir", fashion_mnist_dir, "--both-layer-sets")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert len(row["jax_window_img_per_s"]) == len(row["jax_plain_window_img_per_s"]) == 2
+    assert row["kernels_speedup"] == pytest.approx(
+        row["jax_img_per_s"] / row["jax_plain_img_per_s"], rel=1e-2)
+    assert "| plain layers img/s | CPU kernels / plain |" in proc.stdout
 
 
 def test_bench_times_pytorch_beside_jax(fashion_mnist_dir):
@@ -347,3 +361,13 @@ def test_ctrl_c_in_an_experiment_then_continue_keeps_finished_runs(fashion_mnist
 def test_experiments_reject_bad_input(module, args, message):
     proc = run_main(module, *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reports_show_commands_as_a_user_types_them():
+    from experiments.sweep import as_typed
+
+    ran = ("python -m experiments.reproduce --archs alexnet --continue --out runs/acc/results "
+           "--data-dir .gpu/tfds")
+    assert as_typed(ran) == "python -m experiments.reproduce --archs alexnet --continue"
+    assert as_typed("python -m experiments.run --arch lenet --out=/tmp/x") == \
+        "python -m experiments.run --arch lenet"

@@ -61,7 +61,7 @@ def test_state_is_replicated_and_batches_split(tmp_path):
         import jax, numpy as np
         from cnnjax import data, runtime
         from cnnjax.config import TrainConfig
-        from cnnjax.train import Prepared
+        from cnnjax.prepared import Prepared
 
         runtime.configure()
         rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_two_hosts_train_like_one_device(fashion_mnist_dir, tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
+def test_batch_not_divisible_by_devices_is_one_line(tmp_path, fashion_mnist_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": EIGHT_CPU_DEVICES}
     for args, message in [
         (["--batch-size", "100"], "--batch-size 100 is not divisible by the 8 devices it is "
@@ -179,7 +179,8 @@ def test_batch_not_divisible_by_devices_is_one_line(tmp_path):
         (["--devices", "16"], "--devices 16: there are only 8 cpu devices here"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "experiments.run", "--arch", "lenet", *args,
-                               "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                               "--out", str(tmp_path / "out"), "--data-dir", fashion_mnist_dir],
+                              cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         lines = proc.stderr.strip().splitlines()

@@ -218,3 +218,40 @@ def test_out_of_memory_is_one_line_and_exit_2(fashion_mnist_dir, tmp_path):
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith(f"{PROG}: error:")]
     assert "ran out of memory training nin with --batch-size 1024 at 2000x2000" in line
     assert "try a smaller --batch-size" in line
+
+
+# Ten quick runs in one fresh process, as a notebook that re-runs its training cell or
+# a sweep makes them; prints the resident memory (MiB) after each.
+REPEATED_RUNS = textwrap.dedent("""
+    import sys
+    from cnnjax import runtime
+    runtime.configure()
+    from cnnjax.config import TrainConfig
+    from cnnjax.data import load_fashion_mnist
+    from cnnjax.train import train_and_evaluate
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    data_dir, out = sys.argv[1], sys.argv[2]
+    data = load_fashion_mnist(data_dir, max_train=2048, max_test=512)
+    config = TrainConfig.from_recipe("lenet_bn", epochs=1, max_train=2048, max_test=512)
+    for i in range(10):
+        train_and_evaluate(config, f"{out}/run{i}", data=data, log=lambda line: None,
+                           progress=False)
+        print(rss_mib(), flush=True)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_runs_in_one_process_leave_nothing_behind(fashion_mnist_dir, tmp_path):
+    """What a run holds (its compiled steps, device arrays, checkpoint manager,
+    figures) goes when it ends: memory stays flat over many runs in one process."""
+    proc = subprocess.run([sys.executable, "-c", REPEATED_RUNS, fashion_mnist_dir,
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rss = [float(line) for line in proc.stdout.split()]
+    assert len(rss) == 10
+    assert rss[9] - rss[2] < 30, rss  # MiB; before runs released their steps: ~15 per run

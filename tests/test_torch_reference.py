@@ -1,5 +1,6 @@
-"""The benchmark's PyTorch zoo (`experiments/torch_reference.py`) matches the Flax zoo:
-same parameter counts, (batch, 10) logits at each recipe's input size."""
+"""The book's PyTorch networks (`experiments/torch_reference.py`) match the Flax zoo:
+same parameter counts, (batch, 10) logits at each recipe's input size; and the
+bench's PyTorch timers (`experiments/bench_torch.py`) train them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cnnjax import models  # noqa: E402
 from cnnjax.config import recipe_settings  # noqa: E402
-from experiments import torch_reference  # noqa: E402
+from experiments import bench_torch, torch_reference  # noqa: E402
 
 ALL = models.list_models()
 
@@ -55,8 +56,8 @@ def test_unknown_arch_lists_names():
 
 
 def test_time_training_book_smoke():
-    result = torch_reference.time_training("lenet", batch_size=4, resize=28, lr=0.9,
-                                        windows=2, steps_per_window=1, warmup_steps=1)
+    result = bench_torch.time_training("lenet", batch_size=4, resize=28, lr=0.9,
+                                       windows=2, steps_per_window=1, warmup_steps=1)
     assert len(result["window_img_per_s"]) == 2 and result["img_per_s"] > 0
     assert result["flavour"] == "book" and result["compiled"] is False
     assert math.isfinite(result["final_loss"])
@@ -65,9 +66,9 @@ def test_time_training_book_smoke():
 def test_time_training_tuned_compiles_and_trains():
     # The GPU flavour (channels-last, bf16 autocast, torch.compile), run on the CPU so
     # that its code path is checked before a GPU run spends device time on it.
-    result = torch_reference.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
-                                        flavour="tuned", device="cpu", windows=1,
-                                        steps_per_window=2, warmup_steps=1)
+    result = bench_torch.time_training("lenet_bn", batch_size=16, resize=28, lr=0.5,
+                                       flavour="tuned", device="cpu", windows=1,
+                                       steps_per_window=2, warmup_steps=1)
     assert result["flavour"] == "tuned" and result["compiled"] is True
     assert result["img_per_s"] > 0 and math.isfinite(result["final_loss"])
 

@@ -22,8 +22,14 @@ import pytest
 from cnnjax import config as recipes
 from cnnjax import data, models, steps
 from cnnjax.config import TrainConfig
-from cnnjax.steps import create_train_state, evaluate, learning_rate, train_step, zero_totals
-from cnnjax.train import Interrupted, Prepared, book_summary, train_and_evaluate
+from cnnjax.steps import create_train_state, learning_rate, zero_totals
+from cnnjax.interrupts import Interrupted
+from cnnjax.prepared import Prepared
+from cnnjax.train import book_summary, train_and_evaluate
+
+# The steps as `Prepared` runs them: jitted.
+train_step = jax.jit(steps.train_step, static_argnames=("resize", "augment"))
+evaluate = jax.jit(steps.evaluate, static_argnames="resize")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +223,7 @@ def test_train_flops_count_the_networks_training_work(backend, monkeypatch):
     gradient), whichever layers the backend gets. A GPU's compiled program would count
     almost none (its convolutions are cuDNN calls), and its lowered one has no cost
     analysis at all: there the count comes from the CPU."""
-    monkeypatch.setattr("cnnjax.train.build_model",
+    monkeypatch.setattr("cnnjax.prepared.build_model",
                         functools.partial(steps.build_model, backend=backend))
     if backend == "gpu":
         analyse = jax.stages.Lowered.cost_analysis

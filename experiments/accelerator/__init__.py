@@ -27,7 +27,7 @@ back from a machine that returns only a few files.
 The accelerator machines may have JAX and PyTorch but neither TensorFlow nor TFDS nor
 a network: --carry DIR (default .gpu when it exists) brings TFDS as wheels (DIR/whl,
 installed into --work for the child processes) and Fashion-MNIST already prepared
-(DIR/tfds); `bash experiments/accelerator_carry.sh` builds .gpu on a machine with
+(DIR/tfds); `bash experiments/accelerator/carry.sh` builds .gpu on a machine with
 TensorFlow.
 """
 
@@ -265,7 +265,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}; " + ("failed: " + ", ".join(failed) if failed else "nothing failed"),
           flush=True)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,10 +7,10 @@
 #   .gpu/tfds  Fashion-MNIST prepared by TFDS here (array_record files, which cnnjax
 #              reads without TensorFlow), from Debian's dataset-fashion-mnist files.
 # Run from the repository root on a machine with cnnjax installed:
-#   bash experiments/accelerator_carry.sh
+#   bash experiments/accelerator/carry.sh
 # .gpu/ is git-ignored; it is about 40 MB.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 py=${PYTHON_VERSION:-3.12}
 rm -rf .gpu/whl && mkdir -p .gpu/whl
 python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \

@@ -1,0 +1,7 @@
+"""`python -m experiments.accelerator`: see `experiments.accelerator`."""
+
+import sys
+
+from experiments.accelerator import main
+
+sys.exit(main())
