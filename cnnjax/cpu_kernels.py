@@ -1,37 +1,30 @@
-"""Faster versions of the networks' layers, chosen per backend when a model is built.
+"""cnnjax's CPU kernels: faster versions of the networks' layers on XLA:CPU, chosen
+when a model is built for training.
 
-The model files are written with the plain layers of `cnnjax.models.common`, the same
-on every backend. `layers_for(backend)` gives the layer fields (`conv`, ...) that
-replace them there; `cnnjax.steps.build_model` is the one place that applies them.
-Each replacement computes what the plain layer computes (values and gradients; the
-tests check both against `lax.conv_general_dilated`) and exists only because it is
-measurably faster on that backend (docs/performance.md).
+The model files are written with the plain layers of `cnnjax.models.layers`, the
+same on every backend. `layers_for(backend)` gives the layer fields (`conv`,
+`max_pool`, `norm`) that replace them there; `cnnjax.steps.build_model` is the one
+place that applies them (unless `TrainConfig.cpu_kernels` is off). Each kernel
+computes what the plain layer computes, values and gradients (tests/test_cpu_kernels.py
+checks both), and exists because it is measurably faster on a CPU; the factors are
+in docs/performance.md (`python -m experiments.bench_kernels` measures them). Why each:
 
-On a CPU:
-- a stride-1 convolution of a one-channel input (the first layer of LeNet and VGG on
-  Fashion-MNIST) runs as `one_channel_conv`, the book's cross-correlation (§6.2) as a
-  sum of shifted inputs, which XLA:CPU fuses into one loop several times faster than
-  its convolution; its gradients stay XLA's;
-- a 1x1 convolution, and one with a small output map (at most 2x2; at most 4x4 with
-  a stride above 1 or a kernel larger than the map: the last stages of ResNet,
-  GoogLeNet and DenseNet at 64x64 and below) runs as `im2col_conv`, one matrix
-  product over the image patches. XLA:CPU computes it, with both gradients, 1.1 to
-  2x faster than its convolution for 1x1 kernels and up to 40x faster on 2x2 maps;
-- a grouped convolution (ResNeXt's 3x3) runs as one convolution per group, their
-  outputs side by side: 15 to 30x faster than XLA:CPU's grouped convolution;
-- any other convolution with a stride above 1 (ResNet's and RegNet's 3x3 stride-2
-  convolutions) is `strided_conv`: XLA's convolution and kernel gradient, its input
-  gradient one stride-1 convolution per phase of the input: 1.6 to 2.7x faster than
-  XLA:CPU's for 3x3 kernels with padding 1 (XLA multiplies the zeros of a dilated
-  output gradient);
-- a max pool is `max_pool`: the maximum of the window's shifted views, 3 to 5x
-  faster than XLA:CPU's reduce-window, and a gradient built from the window offsets
-  of the maxima, 4 to 10x faster than XLA's select-and-scatter (itself about 20x
-  slower than the pool);
-- batch norm in training is `batch_norm_train`, with its own gradient, each pass
-  reading its input once for both of its sums (`channel_sums`): XLA:CPU splits a
-  sum over N, H and W into a reduce-window and a reduce, and writes out what it
-  sums (x * x, or the conv output plus its bias) before the reduce-window reads it.
+- `one_channel_conv` (a stride-1 convolution of a one-channel input, the first layer
+  of LeNet and VGG): the book's cross-correlation (§6.2) as a sum of shifted inputs,
+  which XLA:CPU fuses into one loop, where its convolution of one input channel is slow;
+- `im2col_conv` (1x1 kernels, and small output maps: the last stages of ResNet,
+  GoogLeNet and DenseNet at 64x64 and below): one matrix product over the image
+  patches, where XLA:CPU's convolution is slow for kernels larger than the map;
+- grouped convolutions (ResNeXt's 3x3) as one convolution per group, side by side:
+  XLA:CPU's grouped convolution is far slower than the groups one by one;
+- `strided_conv` (other convolutions with a stride above 1): its input gradient as
+  one stride-1 convolution per phase, where XLA multiplies the zeros of a dilated
+  output gradient;
+- `max_pool`: the maximum of the window's shifted views, and a gradient built from
+  the offsets of the maxima, where XLA:CPU's reduce-window and select-and-scatter
+  are slow;
+- `BatchNorm` in training (`batch_norm_train`): each pass reads its input once for
+  both of its sums (`channel_sums`), where XLA:CPU writes out what a long sum reads.
 """
 
 from __future__ import annotations
@@ -213,8 +206,8 @@ def _max_pool_views(x, window, strides, padding) -> list[jax.Array]:
 
 
 def _max_pool_forward_pass(x, window, strides, padding):
-    """The pool as the maximum of the window's views: XLA:CPU computes that 3 to 5x
-    faster than its reduce-window (a 3x3 pool, batch 64, on 16x16 to 32x32 maps)."""
+    """The pool as the maximum of the window's views, which XLA:CPU computes faster
+    than its reduce-window."""
     return functools.reduce(jnp.maximum, _max_pool_views(x, window, strides, padding))
 
 
@@ -301,9 +294,9 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     a reduce, and the reduce-window takes no producers into its loop, so in
     `jnp.sum(x * x, axis=(0, 1, 2))` the squares are written out first. A
     two-operand reduction is left as it is and computes a and b (the squares, say)
-    as it reads x, in one pass. It runs 3 to 9x faster over rows (8 to 32 values
-    per channel) than over whole examples (64 to 1,024): a long reduction in
-    XLA:CPU's loop is slow."""
+    as it reads x, in one pass. It runs over rows (8 to 32 values per channel)
+    rather than whole examples (64 to 1,024): a long reduction in XLA:CPU's loop is
+    slow."""
     if a.ndim > 2:
         rows = (math.prod(a.shape[:-2]), *a.shape[-2:])
         a, b = _sum_pair(a.reshape(rows), b.reshape(rows), (1,))

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 # XLA:CPU hands some fusions (reductions, dots, element-wise chains) to YNNPACK (JAX
-# 0.10 and later). On 2 cores our train steps run up to 1.5x faster without them
+# 0.10 and later). Our train steps run faster without them on a CPU
 # (docs/performance.md), and jaxlib 0.11.2 miscompiles one of them: a bfloat16
 # max-pool followed by dense layers (VGG's and AlexNet's head) returns NaN. An empty
 # list of YNN fusion types turns them off. GPUs and TPUs ignore the flag; jaxlibs
@@ -73,6 +73,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
                     "GLIBC_TUNABLES")
 ASYNC_DISPATCH_VARIABLE = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
+CPU_SETTINGS_VARIABLE = "CNNJAX_CPU_SETTINGS"  # "off": configure() leaves XLA and malloc alone
 _malloc_configured = False  # whether configure() changed glibc's malloc in this process
 
 
@@ -86,8 +87,7 @@ def keep_freed_memory() -> bool:
     back on free, so on every step the kernel maps, faults and zeroes fresh pages
     (docs/performance.md has the measurements). Here the main heap serves large
     blocks too and keeps what is freed. Each thread keeps its own arena: XLA's
-    worker threads allocate often, and with one arena's lock to share LeNet's step
-    ran 1.4x slower.
+    worker threads allocate often, and one arena's lock would slow them down.
     """
     if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_VARIABLES):
         return False
@@ -102,6 +102,9 @@ def keep_freed_memory() -> bool:
 
 def configure() -> None:
     """Prepare JAX for training with cnnjax; call before anything runs in JAX.
+
+    The CPU speed settings (the first and third below; CNNJAX_CPU_SETTINGS=off in
+    the environment leaves them out, to compare or rule them out):
 
     - Turn XLA:CPU's YNNPACK fusions off (`xla_flags`).
     - With simulated CPU devices, size XLA's CPU thread pool for them (`cpu_threads`).
@@ -119,14 +122,15 @@ def configure() -> None:
       JAX_PROCESS_ID set by hand.
     """
     env = os.environ
-    flags = xla_flags(env.get("XLA_FLAGS", ""), jax.__version_info__)
-    if flags:
-        env["XLA_FLAGS"] = flags
+    speed = env.get(CPU_SETTINGS_VARIABLE, "on") != "off"
+    flags = env.get("XLA_FLAGS", "")
+    if speed and xla_flags(flags, jax.__version_info__):
+        flags = env["XLA_FLAGS"] = xla_flags(flags, jax.__version_info__)
     threads = cpu_threads(flags, env.get("NPROC"))
     if threads:
         env["NPROC"] = threads
     global _malloc_configured
-    _malloc_configured = _malloc_configured or keep_freed_memory()
+    _malloc_configured = _malloc_configured or (speed and keep_freed_memory())
     if _malloc_configured and ASYNC_DISPATCH_VARIABLE not in env:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if in_cluster() and not jax.distributed.is_initialized():
@@ -142,7 +146,8 @@ def settings() -> dict[str, Any]:
     CPU steps are dispatched to XLA's threads (JAX's default) or run on the calling
     thread, and NPROC (XLA's CPU thread pool) where set. Each can be chosen in the
     environment instead (MALLOC_* or GLIBC_TUNABLES, JAX_CPU_ENABLE_ASYNC_DISPATCH,
-    XLA_FLAGS, NPROC), which `configure()` leaves alone."""
+    XLA_FLAGS, NPROC), which `configure()` leaves alone, and CNNJAX_CPU_SETTINGS=off
+    leaves all the speed settings out."""
     return {"xla_flags": os.environ.get("XLA_FLAGS", ""),
             "malloc_keeps_freed_memory": _malloc_configured,
             "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),

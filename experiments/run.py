@@ -18,6 +18,14 @@ JAX_COORDINATOR_ADDRESS set), the processes join with jax.distributed.initialize
 and train together; there --out must be a directory every host sees, and only
 process 0 writes into it and prints.
 
+On a CPU the networks are built from cnnjax's CPU kernels (cnnjax.cpu_kernels; the
+same values, faster there; --no-cpu-kernels builds them from the plain layers), and
+cnnjax.runtime.configure() turns XLA:CPU's YNNPACK fusions off, has glibc's malloc
+keep freed memory and runs each step on the calling thread. run.json records the
+layer set and these settings; set XLA_FLAGS, MALLOC_* or GLIBC_TUNABLES, or
+JAX_CPU_ENABLE_ASYNC_DISPATCH to choose any of them yourself, or
+CNNJAX_CPU_SETTINGS=off to leave all three out.
+
 Exit codes: 0 done; 2 bad input, a damaged checkpoint or a full disk (one line says
 what and how to fix it); 3 the loss diverged; 130 interrupted with Ctrl-C, 143 with
 SIGTERM (a checkpoint is saved first; resume with --resume).

@@ -246,6 +246,26 @@ def test_import_changes_nothing_and_configure_sets_the_flags():
     assert out.stdout.splitlines() == ["True", expected, "False"]
 
 
+def test_cpu_settings_can_be_left_out_and_are_reported():
+    code = textwrap.dedent("""
+        import json
+        from cnnjax import runtime
+        runtime.configure()
+        print(json.dumps(runtime.settings()))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
+    reported = {}
+    for choice in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**env, "CNNJAX_CPU_SETTINGS": choice}, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        reported[choice] = json.loads(out.stdout)
+    assert reported["off"] == {"xla_flags": "", "malloc_keeps_freed_memory": False,
+                               "cpu_async_dispatch": True, "nproc": None}
+    assert reported["on"]["malloc_keeps_freed_memory"] is True
+    assert reported["on"]["cpu_async_dispatch"] is False
+
+
 FAULTS_PER_STEP = """
 import resource, statistics, sys
 from cnnjax import runtime
