@@ -8,8 +8,8 @@ A recipe is a set of its values:
   with each network's lr, batch size and input size from the book's chapters;
 - modern, beyond the book: momentum, weight decay, a cosine schedule after a
   linear warm-up, random crops and flips;
-- the CPU recipe of the larger networks, `experiments.reproduce --cpu`: the
-  classic recipe on all the data for fewer epochs at a smaller input size, so
+- the CPU recipe, `experiments.reproduce --cpu`: for the networks with batch norm,
+  the classic recipe on all the data for fewer epochs at a smaller input size, so
   that they reach a real accuracy in minutes on a 2-core CPU (named as such
   wherever it is reported).
 
@@ -221,19 +221,28 @@ def recipe_settings(arch: str, recipe: str = "classic") -> dict[str, Any]:
 
 # --- the CPU recipe and the experiments' quick presets --------------------------------------
 
-# experiments.reproduce --cpu: the LeNets keep their full recipe (under a minute each on
-# 2 cores); the larger networks keep their lr and batch size and train on all the data
-# for CPU_EPOCHS epochs at CPU_RESIZE (a few minutes each on 2 cores; results/cpu/).
-CPU_EPOCHS = 3
+# The smallest comfortable input size of each larger network on a CPU (the notebook's
+# quick CPU run, and the CPU recipe).
 CPU_RESIZE = {"alexnet": 96, "vgg11": 64, "nin": 96, "googlenet": 64, "resnet18": 64,
               "resnet34": 64, "densenet": 64, "regnetx32": 64}
+# experiments.reproduce --cpu: the LeNets keep their full recipe (under a minute each on
+# 2 cores); the networks with batch norm that learn within an epoch or two keep their lr
+# and batch size and train on all the data for CPU_EPOCHS epochs at CPU_RESIZE (minutes
+# each). AlexNet, VGG, NiN and GoogLeNet have none: their plain SGD needs more epochs.
+CPU_EPOCHS = 2
+CPU_RECIPE_ARCHS = ("lenet", "lenet_bn_scratch", "lenet_bn", "resnet18", "densenet",
+                    "regnetx32")
 # experiments.degradation --quick: 8 epochs on 6,400 images (about 30 minutes on 2 cores).
 DEGRADATION_QUICK = dict(epochs=8, max_train=6_400, max_test=2_000)
 
 
 def cpu_overrides(arch: str) -> dict[str, Any]:
     """What the CPU recipe (`experiments.reproduce --cpu`) changes in `arch`'s classic
-    recipe: nothing for the LeNets."""
-    if arch not in CPU_RESIZE:
+    recipe: nothing for the LeNets. Raises ValueError for a network without one."""
+    if arch not in CPU_RECIPE_ARCHS:
+        raise ValueError(f"{arch} has no CPU recipe (networks with one: "
+                         f"{', '.join(CPU_RECIPE_ARCHS)}): its plain SGD needs more "
+                         "epochs than fit a CPU; train it without --cpu, on a GPU")
+    if BOOK[arch]["resize"] == 28:
         return {}
     return {"epochs": CPU_EPOCHS, "resize": CPU_RESIZE[arch]}

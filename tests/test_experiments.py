@@ -226,13 +226,17 @@ def test_reproduce_names_a_longer_run_apart_from_full_and_quick_ones():
     assert reproduce.kind(dataclasses.replace(recipe, epochs=20)) == "longer"
 
     cpu = TrainConfig.from_recipe("resnet18", **recipes.cpu_overrides("resnet18"))
-    assert (cpu.epochs, cpu.resize, cpu.lr, cpu.max_train) == (3, 64, 0.05, None)
+    assert (cpu.epochs, cpu.resize, cpu.lr, cpu.max_train) == (2, 64, 0.05, None)
     assert reproduce.run_name(cpu) == "resnet18-cpu"
     assert reproduce.run_name(cpu.replace(seed=1, cpu_kernels=False)) == "resnet18-cpu"
     assert reproduce.run_name(cpu.replace(max_train=512)) == "resnet18-quick"
     assert reproduce.run_name(cpu.replace(lr=0.1)) == "resnet18-quick"
     lenet = TrainConfig.from_recipe("lenet", **recipes.cpu_overrides("lenet"))
     assert reproduce.run_name(lenet) == "lenet"  # the LeNets keep their full recipe
+    with pytest.raises(ValueError, match="alexnet has no CPU recipe"):
+        recipes.cpu_overrides("alexnet")
+    proc = run_main("experiments.reproduce", "--cpu", "--archs", "alexnet")
+    assert proc.returncode == 2 and "alexnet has no CPU recipe" in proc.stderr
 
 
 def test_reproduce_writes_a_report_marking_quick_rows(fashion_mnist_dir, tmp_path):
