@@ -20,12 +20,11 @@ the command exits with 3.
 --recipe modern (beyond the book): momentum 0.9, weight decay 5e-4, a cosine
 schedule after one epoch of warm-up, random crops and flips (cnnjax.config).
 
---cpu, the CPU recipe, trains the LeNet family with the full recipe, and ResNet-18,
-DenseNet and RegNetX-32 with their classic recipe on all the data for 2 epochs at
-64x64, which fits a 2-core CPU (without --archs, only these networks). Their rows are
-marked "cpu": they show what the networks reach in 2 epochs, not the reference
-accuracy after 10 at 96x96. AlexNet, VGG, NiN and GoogLeNet have no CPU recipe: their
-plain SGD needs more epochs than fit a CPU.
+--cpu, the CPU recipe, trains the LeNet family with the full recipe, and ResNet-18
+with its classic recipe on all the data for 2 epochs at 64x64, which fits a 2-core CPU
+(without --archs, only these networks). ResNet-18's row is marked "cpu": it shows what
+the network reaches in 2 epochs, not the reference accuracy after 10 at 96x96. The
+other networks have no CPU recipe (cnnjax.config.CPU_RECIPE_ARCHS says why).
 """
 
 from __future__ import annotations
@@ -102,8 +101,8 @@ class Reproduce(Sweep):
                                  "both: --recipe classic modern")
         parser.add_argument("--cpu", action="store_true",
                             help="the CPU recipe: the full recipe for the LeNets; for "
-                                 "ResNet-18, DenseNet and RegNetX-32 their classic recipe "
-                                 f"on all the data for {config.CPU_EPOCHS} epochs at 64x64")
+                                 "ResNet-18 its classic recipe on all the data for "
+                                 f"{config.CPU_EPOCHS} epochs at 64x64")
 
     def validate(self, args) -> None:
         args.archs = args.archs or list(config.CPU_RECIPE_ARCHS if args.cpu else ARCHS)
