@@ -68,6 +68,12 @@ def primary_first(work: Callable[[], T], others: Callable[[], T] | None = None) 
     return (others or work)()
 
 
+def sync_processes(name: str) -> None:
+    """Wait until every process has got here (a collective; on one host, nothing)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def max_over_processes(value: int) -> int:
     """The largest of `value` over all processes (a collective: every process must call
     it at the same point; on one host it is just `value`)."""

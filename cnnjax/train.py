@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cnnjax.config import TrainConfig
 from cnnjax.data import FashionMNIST, load_fashion_mnist
 from cnnjax.interrupts import Diverged, Interrupted, StopOnSignal
-from cnnjax.parallel import is_primary, primary_first
+from cnnjax.parallel import is_primary, primary_first, sync_processes
 from cnnjax.prepared import Prepared, check_settings
 from cnnjax.recorder import Recorder
 from cnnjax.rundir import RunDir
@@ -93,6 +93,7 @@ def _open_run_dir(workdir: str | os.PathLike | RunDir, config: TrainConfig, resu
         run_dir = RunDir(workdir)
     else:
         RunDir.check_new(workdir, force)
+        sync_processes("run directory checked")  # none makes it before all have checked
         return primary_first(lambda: RunDir.create(workdir, config),
                              others=lambda: RunDir(workdir))
     if resume:
